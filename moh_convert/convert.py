@@ -1,0 +1,234 @@
+"""`moh convert`: turn a dense checkpoint into a MoH model folder, streaming tensors shard by shard."""
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from .architectures import attention_tensor_names, check_supported
+from .errors import MoHError
+from .heads import first_heads_shared, resolve_head_counts
+from .model_card import write_model_card
+from .modeling.configuration_moh import MoHConfig
+from .modeling.modeling_moh import MoHHeadRouting
+from .options import validate_options
+from .sources import SourceCheckpoint, resolve_source
+
+MODELING_DIR = Path(__file__).parent / "modeling"
+MODELING_FILES = ("configuration_moh.py", "modeling_moh.py")
+AUTO_MAP = {"AutoConfig": "configuration_moh.MoHConfig", "AutoModelForCausalLM": "modeling_moh.MoHForCausalLM"}
+# Everything else in a source folder that a converted model must carry along (tokenizer, chat template, ...).
+SKIPPED_SOURCE_FILES = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+SKIPPED_SOURCE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".py", ".msgpack", ".h5", ".ckpt")
+ROUTER_SHARD = "model-moh-routers.safetensors"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ConvertOptions(BaseModel):
+    """Options of `moh convert` / `moh_convert.convert()`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    active_heads: int | None = Field(None, description="Heads each token uses per layer (shared + routed top-K).")
+    active_ratio: float | None = Field(None, description="Active heads as a fraction of all heads (default 0.75).")
+    shared_heads: int | None = Field(None, description="Always-on heads per layer (default: half of all heads).")
+    shared_ratio: float | None = Field(None, description="Shared heads as a fraction of all heads (default 0.5).")
+    router: Literal["query-norm", "learned"] = Field(
+        "query-norm",
+        description="query-norm: the paper's parameter-free router (L2 norm of each head's query); "
+        "learned: a linear router on the attention input, zero-initialised (train or calibrate it).",
+    )
+    gate_mode: Literal["binary", "two-stage", "softmax"] = Field(
+        "binary",
+        description="binary: 0/1 gates (paper's conversion); two-stage: the paper's learned shared/routed weights "
+        "(needs --router learned); softmax: MoA-style raw router weights.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the written weights; auto keeps the source's."
+    )
+    base_model: str | None = Field(None, description="Hub id recorded as base_model in the model card.")
+    overwrite: bool = Field(False, description="Replace OUTPUT if it exists.")
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> Path:
+    """Convert SOURCE (Hub id, checkpoint folder or .gguf file) into a MoH model folder at OUTPUT.
+
+    Keyword options are those of `ConvertOptions` (the same as the CLI flags). The folder is assembled in a
+    hidden temporary folder next to OUTPUT and renamed into place only when complete. Returns OUTPUT.
+    """
+    opts = validate_options(ConvertOptions, options)
+    output = Path(output).expanduser().resolve()
+    if output.exists() and not opts.overwrite:
+        raise MoHError(f"output {output} already exists; pass --overwrite to replace it or choose another folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        source_checkpoint = resolve_source(source, work_dir)
+        moh_config = build_moh_config(source_checkpoint, opts)
+        staging = work_dir / output.name
+        staging.mkdir()
+        write_weights(source_checkpoint, staging, router_tensors(moh_config), DTYPES.get(opts.dtype))
+        copy_support_files(source_checkpoint.folder, staging)
+        write_config_and_code(moh_config, staging)
+        base_model = opts.base_model or _hub_id_or_none(source_checkpoint.name)
+        write_model_card(staging, moh_config, source_checkpoint.name, base_model=base_model)
+        move_into_place(staging, output)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return output
+
+
+def _hub_id_or_none(name: str) -> str | None:
+    return name if name.count("/") == 1 and not Path(name).exists() else None
+
+
+def load_source_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as error:
+        raise MoHError(f"{folder / 'config.json'} is not valid JSON ({error}); re-download the checkpoint") from None
+    if config.get("model_type") == "moh":
+        raise MoHError(f"{folder} is already a MoH model; convert its source model instead")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as error:
+        raise MoHError(f"cannot read {folder / 'config.json'}: {error}") from None
+
+
+def build_moh_config(source: SourceCheckpoint, opts: ConvertOptions) -> MoHConfig:
+    source_config = load_source_config(source.folder)
+    check_supported(source_config)
+    for layer_idx in range(source_config.num_hidden_layers):
+        missing = [name for name in attention_tensor_names(source_config, layer_idx) if name not in source.weight_map]
+        if missing:
+            raise MoHError(f"source checkpoint lacks tensor(s) {', '.join(missing)}; it is incomplete or corrupt")
+    num_heads = source_config.num_attention_heads
+    active_heads, shared_heads = resolve_head_counts(
+        num_heads, opts.active_heads, opts.active_ratio, opts.shared_heads, opts.shared_ratio
+    )
+    if opts.gate_mode == "two-stage" and opts.router != "learned":
+        raise MoHError("--gate-mode two-stage needs --router learned")
+    if opts.dtype != "auto":
+        source_config.dtype = opts.dtype
+    text_config = source_config.to_dict()
+    text_config.pop("architectures", None)
+    config = MoHConfig(
+        text_config=text_config,
+        shared_heads=first_heads_shared(source_config.num_hidden_layers, shared_heads),
+        routed_top_k=active_heads - shared_heads,
+        router=opts.router,
+        gate_mode=opts.gate_mode,
+    )
+    config.architectures = ["MoHForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    config.dtype = source_config.dtype
+    return config
+
+
+def router_tensors(config: MoHConfig) -> dict[str, torch.Tensor]:
+    """Initial router tensors (zeros: uniform routing) named as the MoH model stores them."""
+    dtype = config.text_config.dtype
+    dtype = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else (dtype or torch.float32)
+    tensors = {}
+    for layer_idx in range(config.num_layers):
+        routing = MoHHeadRouting(config, layer_idx, config.text_config.hidden_size)
+        for name, tensor in routing.state_dict().items():
+            tensors[f"model.layers.{layer_idx}.self_attn.moh.{name}"] = torch.zeros_like(tensor, dtype=dtype)
+    return tensors
+
+
+def safetensors_data_size(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file, read from its header (no tensor is loaded)."""
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    return sum(end - start for name, info in header.items() if name != "__metadata__" for start, end in [info["data_offsets"]])
+
+
+def write_weights(
+    source: SourceCheckpoint, staging: Path, routers: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> None:
+    """Write the source tensors (unchanged names) plus router tensors as safetensors shards with an index.
+
+    Safetensors shards in the source dtype are copied byte for byte; otherwise one shard at a time is loaded,
+    cast and written, so peak memory is about the largest shard.
+    """
+    from safetensors.torch import save_file
+
+    weight_map: dict[str, str] = {}
+    shards = source.weight_files
+    out_names = {
+        shard: shard if source.weight_format == "safetensors" else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        for i, shard in enumerate(shards)
+    }
+    total_bytes = sum((source.folder / shard).stat().st_size for shard in shards)
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Writing weights") as progress:
+        for shard in shards:
+            source_path, out_path = source.folder / shard, staging / out_names[shard]
+            if source.weight_format == "safetensors" and dtype is None:
+                shutil.copyfile(source_path, out_path)
+            else:
+                tensors = _load_shard(source_path, source.weight_format)
+                if dtype is not None:
+                    tensors = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
+                save_file(tensors, out_path, metadata={"format": "pt"})
+                del tensors
+            for name, file_name in source.weight_map.items():
+                if file_name == shard:
+                    weight_map[name] = out_names[shard]
+            progress.update(source_path.stat().st_size)
+    if routers:
+        save_file(routers, staging / ROUTER_SHARD, metadata={"format": "pt"})
+        weight_map.update({name: ROUTER_SHARD for name in routers})
+    out_files = sorted(set(weight_map.values()))
+    if len(out_files) > 1:
+        total_size = sum(safetensors_data_size(staging / name) for name in out_files)
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    elif out_files[0] != "model.safetensors":
+        (staging / out_files[0]).rename(staging / "model.safetensors")
+
+
+def _load_shard(path: Path, weight_format: str) -> dict[str, torch.Tensor]:
+    try:
+        if weight_format == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise MoHError(f"could not read weights from {path} ({error}); re-download the checkpoint") from None
+
+
+def copy_support_files(source_folder: Path, staging: Path) -> None:
+    """Tokenizer files, chat template, generation config: everything that is not weights, config or code."""
+    for path in source_folder.iterdir():
+        if (
+            path.is_file()
+            and not path.name.startswith(".")
+            and path.name not in SKIPPED_SOURCE_FILES
+            and not path.name.endswith(SKIPPED_SOURCE_SUFFIXES)
+        ):
+            shutil.copy2(path, staging / path.name)
+
+
+def write_config_and_code(config: MoHConfig, staging: Path) -> None:
+    config.save_pretrained(staging)
+    for file_name in MODELING_FILES:
+        shutil.copyfile(MODELING_DIR / file_name, staging / file_name)
+
+
+def move_into_place(staging: Path, output: Path) -> None:
+    """Rename the finished folder to OUTPUT; an existing OUTPUT (with --overwrite) is swapped out first."""
+    if output.exists():
+        previous = staging.parent / f"{output.name}.previous"
+        output.rename(previous)
+    staging.rename(output)

@@ -1,0 +1,63 @@
+"""Pydantic option models are the single source of truth for both the Python API and the `moh` CLI flags."""
+import argparse
+import types
+import typing
+
+import pydantic
+
+from .errors import MoHError
+
+
+def validate_options(model_cls: type[pydantic.BaseModel], values: dict) -> pydantic.BaseModel:
+    """Build an options model, turning pydantic's report into one MoHError line that names the option."""
+    try:
+        return model_cls(**values)
+    except pydantic.ValidationError as error:
+        problems = []
+        for item in error.errors():
+            name = ".".join(str(part) for part in item["loc"]) or "options"
+            if item["type"] == "extra_forbidden":
+                valid = ", ".join(sorted(model_cls.model_fields))
+                problems.append(f"unknown option {name!r} (valid options: {valid})")
+            else:
+                problems.append(f"{name.replace('_', '-')}: {item['msg']}")
+        raise MoHError("; ".join(problems)) from None
+
+
+def _choices(annotation) -> list | None:
+    """Literal["a", "b"] (optionally inside `| None`) -> ["a", "b"]."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) is typing.Literal:
+                return list(typing.get_args(arg))
+    return None
+
+
+def _scalar_type(annotation):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation if annotation in (int, float, str) else str
+
+
+def add_options_to_parser(parser: argparse.ArgumentParser, model_cls: type[pydantic.BaseModel]) -> None:
+    """One `--kebab-case` flag per field, with the field's description and default as help."""
+    for name, field in model_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            continue
+        choices = _choices(field.annotation)
+        if field.default is not None:
+            help_text += f" (default: {field.default})"
+        parser.add_argument(
+            flag, dest=name, default=None, choices=choices,
+            type=None if choices else _scalar_type(field.annotation), help=help_text,
+        )
+
+
+def options_from_args(args: argparse.Namespace, model_cls: type[pydantic.BaseModel]) -> dict:
+    """The flags the user actually gave (so the Python API's defaults apply to the rest)."""
+    return {name: getattr(args, name) for name in model_cls.model_fields if getattr(args, name, None) is not None}

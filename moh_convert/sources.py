@@ -1,0 +1,136 @@
+"""Finding a source checkpoint: a local folder, a Hub id (through the local cache) or a GGUF file."""
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MoHError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class SourceCheckpoint:
+    """A source model as files on disk: config.json, weight shards, tokenizer files."""
+
+    folder: Path
+    name: str  # what the user passed, for the model card (Hub id, folder or GGUF file name)
+    weight_format: str  # "safetensors" or "bin"
+    weight_map: dict[str, str] = field(default_factory=dict)  # tensor name -> file name inside folder
+
+    @property
+    def weight_files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+
+def resolve_source(source: str | os.PathLike, work_dir: Path) -> SourceCheckpoint:
+    """Return the source as a folder of files. GGUF sources are dequantized into `work_dir` first."""
+    path = Path(source).expanduser()
+    if str(source).endswith(".gguf"):
+        if not path.is_file():
+            raise MoHError(f"GGUF file not found: {path}")
+        folder = dequantize_gguf(path, work_dir / "dequantized-source")
+        return inspect_folder(folder, name=path.name)
+    if path.is_dir():
+        return inspect_folder(path, name=str(source))
+    if path.exists():
+        raise MoHError(f"source {path} is a file but not a .gguf; pass a checkpoint folder, a Hub id or a .gguf file")
+    if _looks_like_hub_id(str(source)):
+        return inspect_folder(download_from_hub(str(source)), name=str(source))
+    raise MoHError(f"source {source!r} not found: pass an existing checkpoint folder, a .gguf file or a Hub id (org/name)")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not source.startswith((".", "~"))
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Resolve a Hub id through the Hugging Face cache; honours HF_HUB_OFFLINE (cache only)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise MoHError(f"Hub model {repo_id!r} does not exist or is private (log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise MoHError(
+            f"Hub model {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline); download it on a connected machine (`hf download ID`) or pass a local folder"
+        ) from None
+    except (HfHubHTTPError, OSError) as error:
+        raise MoHError(f"could not fetch {repo_id!r} from the Hub: {error}") from None
+
+
+def dequantize_gguf(gguf_file: Path, folder: Path) -> Path:
+    """Load a GGUF file through transformers (which dequantizes it) and save it as a safetensors checkpoint."""
+    if importlib.util.find_spec("gguf") is None:
+        raise MoHError("reading GGUF files needs the gguf package: pip install gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except MoHError:
+        raise
+    except Exception as error:  # gguf raises plain ValueError/KeyError/struct errors on damaged files
+        raise MoHError(f"could not read GGUF file {gguf_file}: {type(error).__name__}: {error}") from None
+    # The weights are plain float tensors now; drop the quantizer so they save as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = gguf_file.name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def inspect_folder(folder: Path, name: str) -> SourceCheckpoint:
+    """Check a checkpoint folder is complete and list which file holds each tensor."""
+    if not (folder / "config.json").is_file():
+        raise MoHError(f"{folder} has no config.json; it is not a Hugging Face checkpoint folder")
+    for index_name, weight_format in zip(INDEX_NAMES, ("safetensors", "bin")):
+        index_path = folder / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (ValueError, KeyError) as error:
+                raise MoHError(f"{index_path} is corrupt ({error}); re-download the checkpoint") from None
+            missing = sorted({shard for shard in weight_map.values() if not (folder / shard).is_file()})
+            if missing:
+                raise MoHError(f"{index_path.name} names missing shard(s) {', '.join(missing)}; re-download the checkpoint")
+            return SourceCheckpoint(folder, name, weight_format, weight_map)
+    for file_name, weight_format in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
+        if (folder / file_name).is_file():
+            return SourceCheckpoint(folder, name, weight_format, _single_file_map(folder / file_name, weight_format))
+    raise MoHError(f"{folder} has no weights (model.safetensors, an index of shards, or pytorch_model.bin)")
+
+
+def _single_file_map(path: Path, weight_format: str) -> dict[str, str]:
+    if weight_format == "safetensors":
+        return {tensor_name: path.name for tensor_name in read_safetensors_names(path)}
+    import torch
+
+    try:
+        state_dict = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except Exception as error:
+        raise MoHError(f"could not read {path}: {error}; re-download the checkpoint") from None
+    return {tensor_name: path.name for tensor_name in state_dict}
+
+
+def read_safetensors_names(path: Path) -> list[str]:
+    """Tensor names in a safetensors file, read from its header only; corrupt files raise MoHError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:
+        raise MoHError(f"{path} is not a readable safetensors file ({error}); re-download the checkpoint") from None
