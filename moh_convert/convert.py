@@ -169,6 +169,9 @@ def write_weights(
         shard: shard if source.weight_format == "safetensors" else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         for i, shard in enumerate(shards)
     }
+    if routers and out_names == {shards[0]: "model.safetensors"}:
+        # transformers reads model.safetensors and ignores any index when that file exists: name it as a shard.
+        out_names[shards[0]] = "model-00001-of-00001.safetensors"
     total_bytes = sum((source.folder / shard).stat().st_size for shard in shards)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Writing weights") as progress:
         for shard in shards:

