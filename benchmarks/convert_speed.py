@@ -280,9 +280,12 @@ def run_benchmark(cases: list[Case], source: SourceInfo, work_dir: Path, repeats
     import_runs = [run_child("import") for _ in range(repeats)]
     runs: dict[str, list[dict]] = {case.name: [] for case in cases}
     load_check = None
-    # Repeats are interleaved (all cases, then all cases again) so slow drift hits every case alike.
+    # Repeats are interleaved (all cases, then all cases again) so slow drift hits every case alike, and the order
+    # is rotated each time so that no case always runs right after the same other case (writeback of the previous
+    # output and the discards of deleting it are the noisiest part of this machine's timings).
     for repeat in range(1, repeats + 1):
-        for case in cases:
+        shift = (repeat - 1) % len(cases)
+        for case in cases[shift:] + cases[:shift]:
             result = measure_once(case, source, outputs[case.name])
             runs[case.name].append(result)
             print(f"  [{repeat}/{repeats}] {case.name:<10} {result['seconds']:6.2f} s  "
