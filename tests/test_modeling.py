@@ -150,3 +150,42 @@ def test_binary_gates_pass_router_gradient_straight_through(tiny_checkpoints, tm
     loss.backward()
     router_weight = moh.model.layers[0].self_attn.moh.router.routed_proj.weight
     assert router_weight.grad is not None and router_weight.grad.abs().sum() > 0
+
+
+def test_any_subset_of_heads_can_be_shared_per_layer(tiny_checkpoints):
+    # Calibration picks different shared heads per layer; the model must honour any subset, not only "the first h_s".
+    from transformers import AutoConfig
+
+    from moh_convert import MoHConfig
+
+    source_config = AutoConfig.from_pretrained(tiny_checkpoints["llama"])
+    config = MoHConfig(text_config=source_config.to_dict(), shared_heads=[[3, 1], [2]], routed_top_k=1)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
+    moh = MoHForCausalLM(config).eval()
+    moh.load_state_dict(dense.state_dict(), strict=True)
+    gated = {}
+    for layer_idx, layer in enumerate(moh.model.layers):
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, i=layer_idx: gated.__setitem__(i, args[0]))
+    input_ids, attention_mask = sample_batch()
+    with torch.no_grad():
+        moh(input_ids=input_ids, attention_mask=attention_mask)
+    for layer_idx, shared in enumerate(config.shared_heads):
+        per_head = gated[layer_idx].view(*input_ids.shape, NUM_HEADS, -1)
+        # Padded positions attend to nothing, so every head there is zero already: judge real tokens only.
+        active = (per_head.abs().sum(-1) > 0)[attention_mask.bool()]  # [real tokens, heads]
+        assert active[..., shared].all(), f"layer {layer_idx}: shared heads {shared} must always be on"
+        assert (active.sum(-1) == len(shared) + 1).all(), f"layer {layer_idx}: exactly shared + top-1 heads per token"
+
+
+def test_config_rejects_impossible_splits(tiny_checkpoints):
+    from transformers import AutoConfig
+
+    from moh_convert import MoHConfig
+
+    text_config = AutoConfig.from_pretrained(tiny_checkpoints["llama"]).to_dict()
+    with pytest.raises(ValueError, match=r"layer 0: routed_top_k=3 but only 2 heads are routed"):
+        MoHConfig(text_config=text_config, shared_heads=[[0, 1], [0]], routed_top_k=3)
+    with pytest.raises(ValueError, match=r"layer 1: shared heads \[0, 4\] must be distinct indices in 0..3"):
+        MoHConfig(text_config=text_config, shared_heads=[[0], [0, 4]], routed_top_k=1)
+    with pytest.raises(ValueError, match=r"shared_heads lists 1 layers but the model has 2"):
+        MoHConfig(text_config=text_config, shared_heads=[[0]], routed_top_k=1)
