@@ -18,6 +18,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -88,6 +89,35 @@ def own_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes
 
 
+def anonymous_rss_bytes() -> int:
+    """Resident memory that is the process's own (RssAnon), as opposed to mapped file pages the kernel can drop."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakAnonymousRss:
+    """Samples RssAnon every 5 ms in a thread. ru_maxrss also counts mmapped file pages (safetensors loads shards
+    by mmap), so this tells how much of a peak is real allocations rather than the page cache mapped in."""
+
+    def __enter__(self):
+        self.peak = anonymous_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, anonymous_rss_bytes())
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anonymous_rss_bytes())
+
+
 def report(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -109,7 +139,8 @@ def child_import_only() -> None:
     start = time.perf_counter()
     import moh_convert  # noqa: F401
 
-    report({"seconds": time.perf_counter() - start, "peak_rss": own_peak_rss_bytes()})
+    seconds = time.perf_counter() - start
+    report({"seconds": seconds, "peak_rss": own_peak_rss_bytes(), "peak_anon": anonymous_rss_bytes()})
 
 
 def child_copy(source: str, output: str) -> None:
@@ -124,9 +155,11 @@ def child_convert(source: str, output: str, options_json: str) -> None:
     """Time the convert() call alone; the import cost is measured separately by child_import_only."""
     import moh_convert
 
-    start = time.perf_counter()
-    moh_convert.convert(source, output, overwrite=True, **json.loads(options_json))
-    report({"seconds": time.perf_counter() - start, "peak_rss": own_peak_rss_bytes()})
+    with PeakAnonymousRss() as anonymous:
+        start = time.perf_counter()
+        moh_convert.convert(source, output, overwrite=True, **json.loads(options_json))
+        seconds = time.perf_counter() - start
+    report({"seconds": seconds, "peak_rss": own_peak_rss_bytes(), "peak_anon": anonymous.peak})
 
 
 def child_load(output: str) -> None:
@@ -273,9 +306,13 @@ def check_query_norm_output_loads(output: Path, source: SourceInfo) -> dict:
 
 def run_benchmark(cases: list[Case], source: SourceInfo, work_dir: Path, repeats: int, keep: bool):
     outputs = {case.name: work_dir / f"out-{case.name}" for case in cases}
-    print("Warm-up: one untimed `cp -r` so every timed run reads the source from the page cache ...", flush=True)
-    measure_once(cases[0], source, outputs[cases[0].name])
-    remove(outputs[cases[0].name])
+    # One untimed run of every case first: it puts the source in the page cache, and on this VM the first big write
+    # after a pause is slower than the following ones (one warm-up `cp -r` alone still left the first timed run
+    # 2-6x slower). It also checks every case works before any time is spent on repeats.
+    print("Warm-up: one untimed run of every case ...", flush=True)
+    for case in cases:
+        measure_once(case, source, outputs[case.name])
+        remove(outputs[case.name])
 
     import_runs = [run_child("import") for _ in range(repeats)]
     runs: dict[str, list[dict]] = {case.name: [] for case in cases}
@@ -309,25 +346,28 @@ def seconds_cell(results: list[dict]) -> str:
 
 def results_table(cases: list[Case], import_runs: list[dict], runs: dict, source: SourceInfo) -> str:
     import_rss = statistics.median(result["peak_rss"] for result in import_runs)
+    import_anon = statistics.median(result["peak_anon"] for result in import_runs)
     cp_median = statistics.median(result["seconds"] for result in runs["cp"])
     lines = [
         "| Case | Wall time, median (min) [s] | × `cp -r` | Peak RSS [MB] | Peak RSS − import-only [MB] "
-        "| (Peak RSS − import-only) ÷ largest shard |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| import moh_convert only (child baseline) | {seconds_cell(import_runs)} | – | {import_rss / MB:.0f} | 0 | – |",
+        "| (Peak RSS − import-only) ÷ largest shard | Peak anonymous RSS − import-only [MB] |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| import moh_convert only (child baseline) | {seconds_cell(import_runs)} | – | {import_rss / MB:.0f} | 0 | – "
+        f"| 0 ({import_anon / MB:.0f} MB anonymous) |",
     ]
     for case in cases:
         results = runs[case.name]
         median_seconds = statistics.median(result["seconds"] for result in results)
         peak_rss = max(result["peak_rss"] for result in results)  # the worse of the repeats
         if case.kind == "cp":
-            above_import, shard_ratio = "– (not Python)", "–"
+            above_import, shard_ratio, anon_above_import = "– (not Python)", "–", "–"
         else:
             above_import = f"{(peak_rss - import_rss) / MB:.0f}"
             shard_ratio = f"{(peak_rss - import_rss) / source.largest_shard:.2f}"
+            anon_above_import = f"{(max(result['peak_anon'] for result in results) - import_anon) / MB:.0f}"
         lines.append(
             f"| {case.label} | {seconds_cell(results)} | {median_seconds / cp_median:.2f} | {peak_rss / MB:.0f} "
-            f"| {above_import} | {shard_ratio} |"
+            f"| {above_import} | {shard_ratio} | {anon_above_import} |"
         )
     return "\n".join(lines)
 
@@ -366,12 +406,15 @@ def markdown_section(command: str, source: SourceInfo, repeats: int, table: str,
         f"{SOURCE_CONFIG['num_key_value_heads']} KV heads), {source.parameters:,} parameters, {SOURCE_DTYPE}, "
         f"{shards} safetensors shards (`max_shard_size=\"{MAX_SHARD_SIZE}\"`), largest shard "
         f"{source.largest_shard / MB:.0f} MB, {source.total_bytes / MB:.0f} MB in all",
-        f"- Method: every run is its own child process; a warm-up `cp -r` first puts the source in the page cache; "
-        f"{repeats} repeats, interleaved across cases; `sync` (untimed) before every run. Wall time covers the "
-        "`cp -r` or `convert()` call only (the Python import is the first row). Peak RSS is the child's "
-        "`ru_maxrss` (max over repeats; for `cp -r`, cp's own); it includes file pages mapped by the process but not "
-        "the page cache that writes go through. MB = 10⁶ bytes. Every output was checked (config `auto_map`, index "
-        "lists every source tensor, tensor dtypes) without loading the model.",
+        f"- Method: every run is its own child process; one untimed warm-up run of every case first (puts the "
+        f"source in the page cache); then {repeats} timed repeats, interleaved across cases in rotated order, with "
+        "the previous output deleted and `sync` run (untimed) before every run. Wall time covers the `cp -r` or "
+        "`convert()` call only (the Python import is the first row); writes may still be in the page cache when it "
+        "ends, as with any `cp`. Peak RSS is the child's `ru_maxrss` (max over repeats; for `cp -r`, cp's own); it "
+        "counts file pages the process has mmapped (safetensors loads shards by mmap) but not the page cache that "
+        "writes go through. Peak anonymous RSS is `RssAnon` sampled every 5 ms: the memory the process really "
+        "allocated. MB = 10⁶ bytes. Every output was checked (config `auto_map`, index lists every source tensor, "
+        "tensor dtypes) without loading the model.",
         load_line,
         "",
         table,

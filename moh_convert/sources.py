@@ -78,8 +78,6 @@ def dequantize_gguf(gguf_file: Path, folder: Path) -> Path:
             gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    except MoHError:
-        raise
     except Exception as error:  # gguf raises plain ValueError/KeyError/struct errors on damaged files
         raise MoHError(f"could not read GGUF file {gguf_file}: {type(error).__name__}: {error}") from None
     # The weights are plain float tensors now; drop the quantizer so they save as an ordinary checkpoint.
