@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark `moh convert` on a ~1.1B-parameter multi-shard LLaMA checkpoint: wall time and peak memory vs `cp -r`.
 
-    python benchmarks/convert_speed.py [--work-dir DIR] [--repeats N] [--keep] [--markdown PATH]
+    python benchmarks/convert_speed.py [--work-dir DIR] [--repeats N] [--keep] [--markdown PATH] [--cast-dtype D]
 
 The random-weight source checkpoint is built once and cached in the work dir. Every measurement runs in its own
 child process (this script with the hidden `--child` flag), so each peak RSS is that process's own. The parent
@@ -75,7 +75,8 @@ def benchmark_cases(cast_dtype: str) -> list[Case]:
     return [
         Case("cp", "`cp -r` (baseline)", "cp"),
         Case("query-norm", "convert, query-norm router, dtype auto (byte copy)", "convert", {"router": "query-norm"}),
-        Case("learned", "convert, learned router, dtype auto (byte copy + router shard)", "convert", {"router": "learned"}),
+        Case("learned", "convert, learned router, dtype auto (byte copy + router shard)", "convert",
+             {"router": "learned"}),
         Case("cast", f"convert, query-norm router, {SOURCE_DTYPE} → {cast_dtype} (load/cast/write per shard)",
              "convert", {"router": "query-norm", "dtype": cast_dtype}),
     ]
@@ -306,9 +307,18 @@ def check_query_norm_output_loads(output: Path, source: SourceInfo) -> dict:
 
 def run_benchmark(cases: list[Case], source: SourceInfo, work_dir: Path, repeats: int, keep: bool):
     outputs = {case.name: work_dir / f"out-{case.name}" for case in cases}
-    # One untimed run of every case first: it puts the source in the page cache, and on this VM the first big write
-    # after a pause is slower than the following ones (one warm-up `cp -r` alone still left the first timed run
-    # 2-6x slower). It also checks every case works before any time is spent on repeats.
+    try:
+        return measure_all(cases, source, outputs, repeats, keep)
+    finally:
+        if not keep:  # also after a failure or Ctrl-C: outputs are 2.2 GB each
+            for output in outputs.values():
+                remove(output)
+
+
+def measure_all(cases: list[Case], source: SourceInfo, outputs: dict[str, Path], repeats: int, keep: bool):
+    # One untimed run of every case first: it puts the source in the page cache, brings the write path of the disk
+    # up to speed (the first big writes of a session are often the slowest), and checks that every case works
+    # before any time is spent on repeats.
     print("Warm-up: one untimed run of every case ...", flush=True)
     for case in cases:
         measure_once(case, source, outputs[case.name])
@@ -318,8 +328,8 @@ def run_benchmark(cases: list[Case], source: SourceInfo, work_dir: Path, repeats
     runs: dict[str, list[dict]] = {case.name: [] for case in cases}
     load_check = None
     # Repeats are interleaved (all cases, then all cases again) so slow drift hits every case alike, and the order
-    # is rotated each time so that no case always runs right after the same other case (writeback of the previous
-    # output and the discards of deleting it are the noisiest part of this machine's timings).
+    # is rotated each time so that no case always runs right after the same other case: deleting and flushing the
+    # previous output still affects the next write a little, so a fixed order would bias one case.
     for repeat in range(1, repeats + 1):
         shift = (repeat - 1) % len(cases)
         for case in cases[shift:] + cases[:shift]:
@@ -344,29 +354,35 @@ def seconds_cell(results: list[dict]) -> str:
     return f"{statistics.median(times):.2f} ({min(times):.2f})"
 
 
+def ratio_cell(results: list[dict], baseline: list[dict]) -> str:
+    times, baseline_times = [r["seconds"] for r in results], [r["seconds"] for r in baseline]
+    median_ratio = statistics.median(times) / statistics.median(baseline_times)
+    return f"{median_ratio:.2f} ({min(times) / min(baseline_times):.2f})"
+
+
 def results_table(cases: list[Case], import_runs: list[dict], runs: dict, source: SourceInfo) -> str:
     import_rss = statistics.median(result["peak_rss"] for result in import_runs)
     import_anon = statistics.median(result["peak_anon"] for result in import_runs)
-    cp_median = statistics.median(result["seconds"] for result in runs["cp"])
     lines = [
-        "| Case | Wall time, median (min) [s] | × `cp -r` | Peak RSS [MB] | Peak RSS − import-only [MB] "
-        "| (Peak RSS − import-only) ÷ largest shard | Peak anonymous RSS − import-only [MB] |",
+        "| Case | Wall time, median (min) [s] | × `cp -r`, median (min) | Peak RSS [MB] "
+        "| Peak RSS − import-only [MB] | (Peak RSS − import-only) ÷ largest shard "
+        "| Peak anonymous RSS − import-only [MB] (÷ largest shard) |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| import moh_convert only (child baseline) | {seconds_cell(import_runs)} | – | {import_rss / MB:.0f} | 0 | – "
-        f"| 0 ({import_anon / MB:.0f} MB anonymous) |",
+        f"| import moh_convert only (child baseline) | {seconds_cell(import_runs)} | – | {import_rss / MB:.0f} "
+        f"| 0 | – | 0 (baseline itself: {import_anon / MB:.0f} MB anonymous) |",
     ]
     for case in cases:
         results = runs[case.name]
-        median_seconds = statistics.median(result["seconds"] for result in results)
         peak_rss = max(result["peak_rss"] for result in results)  # the worse of the repeats
         if case.kind == "cp":
             above_import, shard_ratio, anon_above_import = "– (not Python)", "–", "–"
         else:
             above_import = f"{(peak_rss - import_rss) / MB:.0f}"
             shard_ratio = f"{(peak_rss - import_rss) / source.largest_shard:.2f}"
-            anon_above_import = f"{(max(result['peak_anon'] for result in results) - import_anon) / MB:.0f}"
+            anon = max(result["peak_anon"] for result in results) - import_anon
+            anon_above_import = f"{anon / MB:.0f} ({anon / source.largest_shard:.2f})"
         lines.append(
-            f"| {case.label} | {seconds_cell(results)} | {median_seconds / cp_median:.2f} | {peak_rss / MB:.0f} "
+            f"| {case.label} | {seconds_cell(results)} | {ratio_cell(results, runs['cp'])} | {peak_rss / MB:.0f} "
             f"| {above_import} | {shard_ratio} | {anon_above_import} |"
         )
     return "\n".join(lines)
@@ -441,11 +457,15 @@ def parse_args() -> argparse.Namespace:
         f"LLaMA checkpoint in {SOURCE_DTYPE} safetensors shards, and write the results table into BENCHMARKS.md.",
     )
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "bench-output" / "convert",
-                        help="where the source checkpoint is cached and outputs are written; ~2.2 GB for the source "
-                        "plus up to ~2.2 GB while a run's output exists (default: bench-output/convert in the repo)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (default: 2)")
+                        help="where the source checkpoint is cached and outputs are written: 2.2 GB for the source "
+                        "plus one output at a time, 2.2 GB (4.4 GB for --cast-dtype float32) "
+                        "(default: bench-output/convert in the repo)")
+    # 3, not 2: on a VM one run in a few can be several times slower (the write path), and a median of 2 runs is
+    # just their mean, so one slow run would move it; with 3 the median ignores it.
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (default: 3)")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the converted/copied outputs (about 2.2 GB each) instead of deleting them")
+                        help="keep the last copied/converted output of each case (2.2 GB each) instead of deleting "
+                        "it")
     parser.add_argument("--markdown", type=Path, default=REPO_ROOT / "BENCHMARKS.md",
                         help="Markdown file whose convert_speed section is written or replaced (default: BENCHMARKS.md "
                         "in the repo)")

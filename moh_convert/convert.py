@@ -18,6 +18,7 @@ from .model_card import write_model_card
 from .modeling.configuration_moh import MoHConfig
 from .modeling.modeling_moh import MoHHeadRouting
 from .options import validate_options
+from .safetensors_stream import SAFETENSORS_DTYPES, write_safetensors_streaming
 from .sources import SourceCheckpoint, resolve_source
 
 MODELING_DIR = Path(__file__).parent / "modeling"
@@ -158,8 +159,8 @@ def write_weights(
 ) -> None:
     """Write the source tensors (unchanged names) plus router tensors as safetensors shards with an index.
 
-    Safetensors shards in the source dtype are copied byte for byte; otherwise one shard at a time is loaded,
-    cast and written, so peak memory is about the largest shard.
+    Safetensors shards in the source dtype are copied byte for byte; otherwise each shard is rewritten one
+    tensor at a time (cast to `dtype` if given), so peak memory is about the largest tensor.
     """
     from safetensors.torch import save_file
 
@@ -179,11 +180,7 @@ def write_weights(
             if source.weight_format == "safetensors" and dtype is None:
                 shutil.copyfile(source_path, out_path)
             else:
-                tensors = _load_shard(source_path, source.weight_format)
-                if dtype is not None:
-                    tensors = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
-                save_file(tensors, out_path, metadata={"format": "pt"})
-                del tensors
+                cast_shard(source_path, out_path, source.weight_format, dtype)
             for name, file_name in source.weight_map.items():
                 if file_name == shard:
                     weight_map[name] = out_names[shard]
@@ -200,15 +197,31 @@ def write_weights(
         (staging / out_files[0]).rename(staging / "model.safetensors")
 
 
-def _load_shard(path: Path, weight_format: str) -> dict[str, torch.Tensor]:
-    try:
-        if weight_format == "safetensors":
-            from safetensors.torch import load_file
+def cast_shard(source_path: Path, out_path: Path, weight_format: str, dtype: torch.dtype | None) -> None:
+    """Rewrite one shard as safetensors, casting floating-point tensors to `dtype`, one tensor at a time."""
+    from safetensors import safe_open
 
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    def target(tensor_dtype: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and tensor_dtype.is_floating_point else tensor_dtype
+
+    if weight_format == "safetensors":
+        dtype_by_code = {code: torch_dtype for torch_dtype, code in SAFETENSORS_DTYPES.items()}
+        with safe_open(source_path, framework="pt") as handle:
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+            specs = [(name, target(dtype_by_code[s.get_dtype()]), tuple(s.get_shape())) for name, s in slices.items()]
+            out_dtype = {name: tensor_dtype for name, tensor_dtype, _ in specs}
+            write_safetensors_streaming(
+                out_path, specs, lambda name: handle.get_tensor(name).to(out_dtype[name]), metadata={"format": "pt"}
+            )
+        return
+    try:  # the header of .bin files is only checked here, so a damaged file fails here
+        state_dict = torch.load(source_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
-        raise MoHError(f"could not read weights from {path} ({error}); re-download the checkpoint") from None
+        raise MoHError(f"could not read weights from {source_path} ({error}); re-download the checkpoint") from None
+    specs = [(name, target(tensor.dtype), tuple(tensor.shape)) for name, tensor in state_dict.items()]
+    write_safetensors_streaming(
+        out_path, specs, lambda name: state_dict[name].to(target(state_dict[name].dtype)), metadata={"format": "pt"}
+    )
 
 
 def copy_support_files(source_folder: Path, staging: Path) -> None:

@@ -77,8 +77,10 @@ def test_sharded_source_is_streamed_with_index(tiny_checkpoints, tmp_path):
 
 def test_dtype_conversion(tiny_checkpoints, tmp_path):
     out = convert(tiny_checkpoints["mistral"], tmp_path / "out", dtype="bfloat16", router="learned")
-    tensors = tensors_in(out)
+    tensors, source = tensors_in(out), tensors_in(tiny_checkpoints["mistral"])
     assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}
+    for name, tensor in source.items():  # written one tensor at a time by our own safetensors writer
+        assert torch.equal(tensors[name], tensor.to(torch.bfloat16)), name
     moh = AutoModelForCausalLM.from_pretrained(out)
     assert moh.dtype == torch.bfloat16
 

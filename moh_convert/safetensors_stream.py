@@ -1,0 +1,41 @@
+"""Writing a safetensors file one tensor at a time, so a cast shard never has to sit in memory whole."""
+import json
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors_streaming(
+    path: Path,
+    tensor_specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+    load_tensor: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write `path` from (name, dtype, shape) specs; `load_tensor(name)` is called once per tensor, in order, and
+    must return a tensor of that dtype and shape. Peak memory is about the largest single tensor."""
+    specs = list(tensor_specs)
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, dtype, shape in specs:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # tensor data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header_bytes)))
+        handle.write(header_bytes)
+        for name, dtype, shape in specs:
+            tensor = load_tensor(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
+            handle.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
