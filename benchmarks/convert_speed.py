@@ -77,7 +77,7 @@ def benchmark_cases(cast_dtype: str) -> list[Case]:
         Case("query-norm", "convert, query-norm router, dtype auto (byte copy)", "convert", {"router": "query-norm"}),
         Case("learned", "convert, learned router, dtype auto (byte copy + router shard)", "convert",
              {"router": "learned"}),
-        Case("cast", f"convert, query-norm router, {SOURCE_DTYPE} → {cast_dtype} (load/cast/write per shard)",
+        Case("cast", f"convert, query-norm router, {SOURCE_DTYPE} → {cast_dtype} (read/cast/write one tensor at a time)",
              "convert", {"router": "query-norm", "dtype": cast_dtype}),
     ]
 
