@@ -248,3 +248,31 @@ def move_into_place(staging: Path, output: Path) -> None:
         previous = staging.parent / f"{output.name}.previous"
         output.rename(previous)
     staging.rename(output)
+
+
+def register_cli(commands) -> None:
+    """`moh convert SOURCE OUTPUT [options]`: flags generated from ConvertOptions."""
+    import argparse
+
+    from .options import add_options_to_parser, options_from_args
+
+    parser = commands.add_parser(
+        "convert",
+        help="convert a dense checkpoint into a MoH model folder",
+        description="Insert a router and a shared/routed head split into every attention block of SOURCE and write "
+        "a model folder (safetensors, config, tokenizer, model card, modeling code) to OUTPUT. The default is the "
+        "paper's setting: 75% of heads active per token, 50% of heads shared, query-norm router.",
+        epilog="examples:\n  moh convert HuggingFaceTB/SmolLM2-135M smollm2-moh\n"
+        "  moh convert ./llama-folder llama-moh --active-heads 24 --shared-heads 16 --dtype bfloat16\n"
+        "  moh convert model.Q4_1.gguf model-moh --active-ratio 0.66",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="SOURCE", help="Hub model id, local checkpoint folder or .gguf file")
+    parser.add_argument("output", metavar="OUTPUT", help="folder to write the MoH model to")
+    add_options_to_parser(parser, ConvertOptions)
+
+    def run(args):
+        output = convert(args.source, args.output, **options_from_args(args, ConvertOptions))
+        print(f"MoH model written to {output}")
+
+    parser.set_defaults(handler=run)
