@@ -140,7 +140,9 @@ def router_tensors(config: MoHConfig) -> dict[str, torch.Tensor]:
     dtype = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else (dtype or torch.float32)
     tensors = {}
     for layer_idx in range(config.num_layers):
-        routing = MoHHeadRouting(config, layer_idx, config.text_config.hidden_size)
+        text_config = config.text_config
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // config.num_heads
+        routing = MoHHeadRouting(config, layer_idx, text_config.hidden_size, head_dim)
         for name, tensor in routing.state_dict().items():
             tensors[f"model.layers.{layer_idx}.self_attn.moh.{name}"] = torch.zeros_like(tensor, dtype=dtype)
     return tensors

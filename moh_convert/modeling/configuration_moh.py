@@ -20,8 +20,9 @@ class MoHConfig(PreTrainedConfig):
             The source architecture's config. Its model is built unchanged; every attention block gets a router.
         shared_heads (`list[list[int]]`):
             Per decoder layer, the indices of the query heads that are always active.
-        routed_top_k (`int`):
-            How many of the remaining (routed) heads each token selects in every layer.
+        routed_top_k (`int` or `list[int]`):
+            How many of the remaining (routed) heads each token selects: one number for every layer, or one per layer
+            (calibration shares a different number of heads per layer and keeps shared + top-K constant).
         router (`str`):
             `"query-norm"` (parameter-free: L2 norm of each routed head's query) or `"learned"` (a linear router on
             the attention block's input).
@@ -33,6 +34,9 @@ class MoHConfig(PreTrainedConfig):
             Weight of the load-balance loss on routed heads during training (paper: 0.01).
         router_z_loss_coef (`float`):
             Weight of the router z-loss (MoA preset: 0.001; 0 disables it).
+        head_fallback (`bool`):
+            If True, a head a token did not select outputs a stored constant (`moh.head_fallback`, its mean output
+            on calibration text) instead of zero; it costs no attention compute and keeps the layer's output mean.
         source_model_type (`str`):
             `model_type` of the source architecture (kept for humans and tools; `text_config` is authoritative).
     """
@@ -42,12 +46,13 @@ class MoHConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     shared_heads: list | None = None
-    routed_top_k: int = 0
+    routed_top_k: int | list = 0
     router: str = "query-norm"
     gate_mode: str = "binary"
     router_bias: bool = False
     load_balance_coef: float = 0.01
     router_z_loss_coef: float = 0.0
+    head_fallback: bool = False
     source_model_type: str | None = None
     tie_word_embeddings: bool = False
 
@@ -74,8 +79,14 @@ class MoHConfig(PreTrainedConfig):
         shared = set(self.shared_heads[layer_idx])
         return [head for head in range(self.num_heads) if head not in shared]
 
+    def layer_top_k(self, layer_idx: int) -> int:
+        """Routed heads each token selects in layer `layer_idx`."""
+        if isinstance(self.routed_top_k, int):
+            return self.routed_top_k
+        return self.routed_top_k[layer_idx]
+
     def active_heads(self, layer_idx: int) -> int:
-        return len(self.shared_heads[layer_idx]) + self.routed_top_k
+        return len(self.shared_heads[layer_idx]) + self.layer_top_k(layer_idx)
 
     def validate_heads(self):
         """Raise ValueError with the fix when the head split cannot work."""
@@ -89,20 +100,23 @@ class MoHConfig(PreTrainedConfig):
             raise ValueError(
                 f"shared_heads lists {len(self.shared_heads)} layers but the model has {self.num_layers}"
             )
-        if self.routed_top_k < 0:
-            raise ValueError(f"routed_top_k must be >= 0, got {self.routed_top_k}")
+        if not isinstance(self.routed_top_k, int) and len(self.routed_top_k) != self.num_layers:
+            raise ValueError(f"routed_top_k lists {len(self.routed_top_k)} layers but the model has {self.num_layers}")
         for layer_idx, shared in enumerate(self.shared_heads):
+            top_k = self.layer_top_k(layer_idx)
+            if top_k < 0:
+                raise ValueError(f"layer {layer_idx}: routed_top_k must be >= 0, got {top_k}")
             if len(set(shared)) != len(shared) or any(not 0 <= head < self.num_heads for head in shared):
                 raise ValueError(
                     f"layer {layer_idx}: shared heads {shared} must be distinct indices in 0..{self.num_heads - 1}"
                 )
             num_routed = self.num_heads - len(shared)
-            if self.routed_top_k > num_routed:
+            if top_k > num_routed:
                 raise ValueError(
-                    f"layer {layer_idx}: routed_top_k={self.routed_top_k} but only {num_routed} heads are routed "
+                    f"layer {layer_idx}: routed_top_k={top_k} but only {num_routed} heads are routed "
                     f"({len(shared)} of {self.num_heads} are shared); lower the active heads or share fewer heads"
                 )
-            if len(shared) + self.routed_top_k == 0:
+            if len(shared) + top_k == 0:
                 raise ValueError(f"layer {layer_idx}: no head would be active; use at least one active head")
 
 

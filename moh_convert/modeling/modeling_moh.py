@@ -68,15 +68,17 @@ class MoHHeadRouting(nn.Module):
     """Everything MoH adds to one attention block. Registered as `self_attn.moh` (its tensors are stored as
     `...self_attn.moh.router.*`). It turns router probabilities into per-head gates [batch, seq, num_heads]."""
 
-    def __init__(self, config: MoHConfig, layer_idx: int, hidden_size: int):
+    def __init__(self, config: MoHConfig, layer_idx: int, hidden_size: int, head_dim: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
         self.shared_heads = list(config.shared_heads[layer_idx])
         self.routed_heads = config.routed_heads(layer_idx)
-        self.routed_top_k = config.routed_top_k
+        self.routed_top_k = config.layer_top_k(layer_idx)
         self.gate_mode = config.gate_mode
         self.router = ROUTER_CLASSES[config.router](config, layer_idx, hidden_size)
+        # What an unselected head outputs instead of its attention result (zeros unless calibrated).
+        self.head_fallback = nn.Parameter(torch.zeros(self.num_heads, head_dim)) if config.head_fallback else None
         # Every head on with binary gates is exactly the dense model: skip routing altogether.
         self.is_dense = self.gate_mode == "binary" and self.routed_top_k == len(self.routed_heads)
         # When True (set by training and analysis code), the last routing is kept for losses and statistics.
@@ -126,7 +128,8 @@ class MoHHeadRouting(nn.Module):
             self.last_routed_mask = routed_mask
         gates = probs.new_zeros(*probs.shape[:-1], self.num_heads)
         gates = gates.index_copy(-1, routed_index, routed_gates)
-        return gates.index_copy(-1, shared_index, shared_gates)
+        gates = gates.index_copy(-1, shared_index, shared_gates)
+        return gates, routed_mask
 
     def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
         """attn_output: o_proj's input [batch, seq, num_heads * head_dim]; returns it with each head scaled."""
@@ -138,10 +141,17 @@ class MoHHeadRouting(nn.Module):
         per_head = attn_output.view(batch, seq, self.num_heads, -1)
         if queries is not None:
             queries = queries.view(batch, seq, self.num_heads, -1)
-        gates = self.head_gates(hidden_states, queries)
+        gates, routed_mask = self.head_gates(hidden_states, queries)
         if self.is_dense:  # recording statistics only: leave the output bit-exact
             return attn_output
-        return (per_head * gates.unsqueeze(-1).to(per_head.dtype)).view_as(attn_output)
+        gated = per_head * gates.unsqueeze(-1).to(per_head.dtype)
+        if self.head_fallback is not None:
+            # Routed heads the token skipped output their stored mean instead of zero.
+            skipped = (1.0 - routed_mask).to(per_head.dtype).unsqueeze(-1)
+            routed_index = self._head_index("routed", per_head.device)
+            fallback = skipped * self.head_fallback.index_select(0, routed_index).to(per_head.dtype)
+            gated = gated.index_add(2, routed_index, fallback)
+        return gated.view_as(attn_output)
 
 
 def _query_projection(attention: nn.Module) -> tuple[nn.Module, bool]:
@@ -158,7 +168,8 @@ def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int)
     if not hasattr(attention, "o_proj"):
         raise ValueError(f"{type(attention).__name__} has no o_proj; MoH gates heads just before it")
     hidden_size = attention.o_proj.out_features
-    routing = MoHHeadRouting(config, layer_idx, hidden_size)
+    head_dim = attention.o_proj.in_features // config.num_heads
+    routing = MoHHeadRouting(config, layer_idx, hidden_size, head_dim)
     attention.moh = routing
 
     def keep_block_input(module, args, kwargs):
@@ -220,7 +231,10 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         if isinstance(module, RouterProjection):
             for parameter in module.parameters(recurse=False):
                 init.zeros_(parameter)
-        elif not isinstance(module, (MoHHeadRouting, QueryNormRouter, LearnedRouter, MoHForCausalLM)):
+        elif isinstance(module, MoHHeadRouting):
+            if module.head_fallback is not None:
+                init.zeros_(module.head_fallback)
+        elif not isinstance(module, (QueryNormRouter, LearnedRouter, MoHForCausalLM)):
             self.source_model._init_weights(module)
 
     def train(self, mode: bool = True):
