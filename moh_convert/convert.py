@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from .architectures import attention_tensor_names, check_supported
+from .calibrate import CalibrationSettings, calibrate_folder, print_report
 from .errors import MoHError
 from .heads import first_heads_shared, resolve_head_counts
 from .model_card import write_model_card
@@ -31,10 +32,9 @@ ROUTER_SHARD = "model-moh-routers.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ConvertOptions(BaseModel):
-    """Options of `moh convert` / `moh_convert.convert()`."""
-
-    model_config = ConfigDict(extra="forbid")
+class ConvertOptions(CalibrationSettings):
+    """Options of `moh convert` / `moh_convert.convert()` (calibration options are inherited: with
+    `calibration_data` set, the converted model is calibrated before it is moved into place)."""
 
     active_heads: int | None = Field(None, description="Heads each token uses per layer (shared + routed top-K).")
     active_ratio: float | None = Field(None, description="Active heads as a fraction of all heads (default 0.75).")
@@ -79,9 +79,16 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
         write_config_and_code(moh_config, staging)
         base_model = opts.base_model or _hub_id_or_none(source_checkpoint.name)
         write_model_card(staging, moh_config, source_checkpoint.name, base_model=base_model)
+        if opts.calibration_data is not None:
+            settings = CalibrationSettings(**opts.model_dump(include=set(CalibrationSettings.model_fields)))
+            # Shared heads are chosen per layer from measurements unless the user fixed how many.
+            fixed_shared = None if opts.shared_heads is None and opts.shared_ratio is None else len(moh_config.shared_heads[0])
+            report = calibrate_folder(staging, settings, shared_heads=fixed_shared)
         move_into_place(staging, output)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    if opts.calibration_data is not None:
+        print_report(report)
     return output
 
 

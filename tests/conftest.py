@@ -27,6 +27,35 @@ TINY_FAMILIES = {
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def tiny_tokenizer():
+    """A character-level tokenizer whose ids fit the tiny models' 128-token vocabulary (0 pad, 1 bos, 2 eos)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = [chr(code) for code in range(32, 127)]  # printable ASCII: ids 4..98
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{char: 4 + i for i, char in enumerate(characters)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def synthetic_text(num_words: int, seed: int = 0) -> str:
+    """Project-made calibration text: sentences of words drawn from a small lexicon with a skewed distribution."""
+    import random
+
+    rng = random.Random(seed)
+    lexicon = ("the model head attention token router layer shared routed query value key output mixture of "
+               "heads calibration text small data every word sentence cat dog runs quickly slowly and a an").split()
+    weights = [1.0 / (rank + 1) for rank in range(len(lexicon))]
+    words = []
+    while len(words) < num_words:
+        sentence = rng.choices(lexicon, weights, k=rng.randint(4, 12))
+        words.extend(sentence[:-1] + [sentence[-1] + "."])
+    return " ".join(words[:num_words])
+
+
 def tiny_source_config(model_type: str):
     return AutoConfig.for_model(model_type, **TINY_COMMON, **TINY_FAMILIES[model_type])
 
@@ -41,6 +70,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         model = AutoModelForCausalLM.from_config(tiny_source_config(model_type))
         folders[model_type] = root / model_type
         model.save_pretrained(folders[model_type])
+        tiny_tokenizer().save_pretrained(folders[model_type])
     return folders
 
 

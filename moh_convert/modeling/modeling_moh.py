@@ -171,11 +171,12 @@ def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int)
     head_dim = attention.o_proj.in_features // config.num_heads
     routing = MoHHeadRouting(config, layer_idx, hidden_size, head_dim)
     attention.moh = routing
+    handles = []
 
     def keep_block_input(module, args, kwargs):
         routing.pending_hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    attention.register_forward_pre_hook(keep_block_input, with_kwargs=True)
+    handles.append(attention.register_forward_pre_hook(keep_block_input, with_kwargs=True))
 
     if routing.router.uses_query:
         query_projection, fused_qkv = _query_projection(attention)
@@ -185,13 +186,21 @@ def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int)
             # Pre-norm, pre-rotary queries: q_norm (qwen3, gemma3, olmo2) would flatten the norms the router reads.
             routing.pending_queries = output[..., :query_width] if fused_qkv else output
 
-        query_projection.register_forward_hook(keep_queries)
+        handles.append(query_projection.register_forward_hook(keep_queries))
 
     def gate_heads(module, args):
         return (routing.gate_attention_output(args[0]),) + tuple(args[1:])
 
-    attention.o_proj.register_forward_pre_hook(gate_heads)
+    handles.append(attention.o_proj.register_forward_pre_hook(gate_heads))
+    routing.hook_handles = handles
     return routing
+
+
+def detach_head_routing(attention: nn.Module) -> None:
+    """Undo `attach_head_routing`: the block is the source model's again (used by calibration)."""
+    for handle in attention.moh.hook_handles:
+        handle.remove()
+    del attention.moh
 
 
 class MoHPreTrainedModel(PreTrainedModel):

@@ -1,0 +1,582 @@
+"""`moh calibrate`: choose shared heads and fit routers from a little text, one decoder layer at a time.
+
+Method (measured in BENCHMARKS.md). For every layer, in order, on the calibration tokens as the already calibrated
+layers below pass them on:
+1. Run the dense layer and record, per token, the attention input x and each head's output h_i (o_proj's input).
+2. A head's importance for a token is ||(h_i - m_i) W_O^i||: how far its contribution moves the output away from
+   what the head gives on average (m_i, its mean output). The oracle keeps each token's top-`active` heads.
+3. Heads the oracle keeps for nearly every token become the layer's shared heads (or the top `--shared-heads` by
+   that frequency); the layer keeps shared + top-K = active heads per token.
+4. A linear router per layer is fitted by ridge regression from x to the log importance of each routed head.
+5. A routed head a token skips outputs a constant: its mean output over the tokens that skip it (head fallback).
+6. The layer then runs as MoH, and its output feeds the next layer's calibration.
+Only one decoder layer's weights are in memory at a time (read from the safetensors shards), plus the embeddings,
+the final norm and the LM head, plus activations.
+"""
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from .errors import MoHError
+from .modeling.configuration_moh import MoHConfig
+from .modeling.modeling_moh import attach_head_routing, detach_head_routing
+from .options import validate_options
+
+REPORT_NAME = "calibration_report.json"
+# A head the oracle keeps for at least this share of tokens is made a shared (always-on) head.
+SHARED_FREQUENCY_THRESHOLD = 0.9
+RIDGE = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
+
+
+class CalibrationSettings(BaseModel):
+    """Where calibration text comes from and how much of it; shared by `moh convert` and `moh calibrate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration_data: str | None = Field(
+        None,
+        description="Text to calibrate on: a .txt or .jsonl file, a Hugging Face dataset name, or 'self' "
+        "(sample text from the model itself: no data needed).",
+    )
+    calibration_tokens: int = Field(32768, gt=0, description="Tokens to calibrate on.")
+    calibration_seq_len: int = Field(512, gt=1, description="Tokens per calibration window.")
+    calibration_batch_size: int = Field(8, gt=0, description="Windows per forward pass (lower it to save memory).")
+    calibration_heldout_tokens: int = Field(
+        4096, ge=0, description="Further tokens of the same source, held out for the before/after perplexity."
+    )
+    calibration_dataset_config: str | None = Field(None, description="Config name of a Hub dataset.")
+    calibration_split: str = Field("train", description="Split of a Hub dataset.")
+    calibration_column: str = Field("text", description="Text column of a Hub dataset or key of a JSONL file.")
+    seed: int = Field(0, description="Seed for sampling 'self' text (calibration is otherwise deterministic).")
+
+
+class CalibrateOptions(CalibrationSettings):
+    """Options of `moh calibrate` / `moh_convert.calibrate()`."""
+
+    shared_heads: int | None = Field(
+        None, ge=0, description="Shared heads per layer; default: chosen per layer from measured head importance."
+    )
+    output: str | None = Field(None, description="Write the calibrated model here instead of updating MODEL.")
+    overwrite: bool = Field(False, description="Replace --output if it exists.")
+
+
+# --- calibration text ---------------------------------------------------------------------------------------
+
+
+def load_calibration_windows(
+    settings: CalibrationSettings, tokenizer, model_folder: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration windows, held-out windows), LongTensors [num_windows, seq_len] from the configured source."""
+    seq_len = settings.calibration_seq_len
+    num_calibration = math.ceil(settings.calibration_tokens / seq_len)
+    num_heldout = math.ceil(settings.calibration_heldout_tokens / seq_len)
+    if settings.calibration_data == "self":
+        token_ids = sample_own_text(model_folder, tokenizer, (num_calibration + num_heldout) * seq_len, seq_len, settings.seed)
+    else:
+        text = read_calibration_text(settings, needed_chars=(num_calibration + num_heldout) * seq_len * 8)
+        token_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    num_windows = token_ids.numel() // seq_len
+    if num_windows < num_calibration + max(num_heldout, 0):
+        raise MoHError(
+            f"calibration source {settings.calibration_data!r} has {token_ids.numel()} tokens; "
+            f"{(num_calibration + num_heldout) * seq_len} are needed ({settings.calibration_tokens} for calibration "
+            f"+ {settings.calibration_heldout_tokens} held out): give more text or lower --calibration-tokens"
+        )
+    windows = token_ids[: num_windows * seq_len].view(num_windows, seq_len)
+    return windows[:num_calibration], windows[num_calibration : num_calibration + num_heldout]
+
+
+def read_calibration_text(settings: CalibrationSettings, needed_chars: int) -> str:
+    source = settings.calibration_data
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            texts = []
+            for line_number, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)[settings.calibration_column])
+                except (ValueError, KeyError):
+                    raise MoHError(
+                        f"{path}:{line_number} is not a JSON object with a {settings.calibration_column!r} field "
+                        "(set --calibration-column)"
+                    ) from None
+            return "\n\n".join(texts)
+        return path.read_text()
+    if path.suffix in (".txt", ".jsonl", ".json") or os.sep in source or source.startswith("."):
+        raise MoHError(f"calibration file {source} not found")
+    return read_hub_dataset_text(settings, needed_chars)
+
+
+def read_hub_dataset_text(settings: CalibrationSettings, needed_chars: int) -> str:
+    """Stream a Hugging Face dataset until enough text is read (through the local cache when offline)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(
+            settings.calibration_data, settings.calibration_dataset_config, split=settings.calibration_split,
+            streaming=True,
+        )
+        texts, length = [], 0
+        for row in dataset:
+            if settings.calibration_column not in row:
+                raise MoHError(
+                    f"dataset {settings.calibration_data!r} has no column {settings.calibration_column!r} "
+                    f"(columns: {', '.join(row)}); set --calibration-column"
+                )
+            texts.append(row[settings.calibration_column])
+            length += len(texts[-1])
+            if length >= needed_chars:
+                break
+    except MoHError:
+        raise
+    except Exception as error:  # datasets raises many types for missing / offline datasets
+        raise MoHError(
+            f"could not read calibration dataset {settings.calibration_data!r} ({type(error).__name__}: {error}); "
+            "pass a local .txt/.jsonl file or 'self'"
+        ) from None
+    return "\n\n".join(texts)
+
+
+@torch.no_grad()
+def sample_own_text(model_folder: Path, tokenizer, num_tokens: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Data-free calibration: sample windows of text from the dense source model (same weights, no routing)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = MoHConfig.from_pretrained(model_folder)
+    source_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+    model = source_class.from_pretrained(model_folder, config=config.text_config, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    num_sequences = math.ceil(num_tokens / seq_len)
+    batch_size = 16
+    samples = []
+    for _ in tqdm(range(math.ceil(num_sequences / batch_size)), desc="Sampling calibration text"):
+        prompts = torch.full((batch_size, 1), start_token, dtype=torch.long)
+        tokens = model.generate(
+            prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_p=0.95, temperature=1.0,
+            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=tokenizer.eos_token_id,
+        )
+        samples.append(tokens[:, :seq_len])
+    del model
+    return torch.cat(samples)[:num_sequences].reshape(-1)
+
+
+# --- the model, one layer at a time -------------------------------------------------------------------------
+
+
+class ShardedWeights:
+    """Reads named tensors from a model folder's safetensors files without loading whole shards."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(folder / "model.safetensors", framework="pt") as handle:
+                weight_map = {name: "model.safetensors" for name in handle.keys()}
+        self.weight_map = weight_map
+        self.handles = {name: safe_open(folder / name, framework="pt") for name in set(weight_map.values())}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handles[self.weight_map[name]].get_tensor(name)
+
+    def load_into(self, module: torch.nn.Module, prefix: str, init_fn) -> None:
+        """Materialise a meta-device module on the CPU with its checkpoint tensors (names `prefix.<param>`)."""
+        module.to_empty(device="cpu")
+        for submodule in module.modules():  # non-persistent buffers (rotary frequencies, embedding scales)
+            init_fn(submodule)
+        state = {name: self.get(f"{prefix}.{name}") for name, _ in module.state_dict().items()
+                 if f"{prefix}.{name}" in self.weight_map}
+        module.load_state_dict(state, strict=False, assign=True)
+        module.float()
+
+
+class LayerInputRecorder(torch.nn.Module):
+    """Stands in for a decoder layer while the model's own forward computes each layer's keyword arguments
+    (masks, rotary position embeddings), which depend only on positions, not on hidden states."""
+
+    def __init__(self, layer: torch.nn.Module, records: list):
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+        self.records = records
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.records.append((hidden_states, kwargs))
+        return hidden_states
+
+
+class _StopLayer(Exception):
+    """Raised once a layer's attention output is captured: the rest of the layer is not needed then."""
+
+
+def head_outputs_and_inputs(layer, attention, hidden_batches, kwargs_batches):
+    """Run `layer` (dense) and return attention inputs X [tokens, hidden] and head outputs [tokens, heads*head_dim]."""
+    inputs, outputs = [], []
+
+    def keep_input(module, args, kwargs):
+        inputs.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).reshape(-1, module.o_proj.out_features))
+
+    def keep_output_and_stop(module, args):
+        outputs.append(args[0].reshape(-1, args[0].shape[-1]))
+        raise _StopLayer
+
+    handles = [
+        attention.register_forward_pre_hook(keep_input, with_kwargs=True),
+        attention.o_proj.register_forward_pre_hook(keep_output_and_stop),
+    ]
+    try:
+        for hidden_states, kwargs in zip(hidden_batches, kwargs_batches):
+            try:
+                layer(hidden_states, **kwargs)
+            except _StopLayer:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(inputs).float(), torch.cat(outputs).float()
+
+
+def head_importance(head_outputs: torch.Tensor, head_means: torch.Tensor, o_proj_weight: torch.Tensor) -> torch.Tensor:
+    """||(h_i - m_i) W_O^i|| per token and head: [tokens, heads]. Chunked to bound memory."""
+    num_heads, head_dim = head_means.shape
+    weight = o_proj_weight.float().view(-1, num_heads, head_dim)
+    chunks = []
+    for chunk in head_outputs.split(4096):
+        deviation = chunk.view(-1, num_heads, head_dim) - head_means
+        chunks.append(torch.einsum("nhd,ohd->nho", deviation, weight).norm(dim=-1))
+    return torch.cat(chunks)
+
+
+def choose_shared_heads(importance: torch.Tensor, active: int, fixed_count: int | None) -> tuple[list[int], torch.Tensor]:
+    """Shared heads = those the oracle (each token's top-`active` heads by importance) keeps most often."""
+    kept = torch.zeros_like(importance).scatter_(1, importance.topk(active, dim=1).indices, 1.0)
+    frequency = kept.mean(0)
+    order = frequency.argsort(descending=True).tolist()
+    if fixed_count is not None:
+        count = min(fixed_count, active)
+    else:
+        count = int((frequency >= SHARED_FREQUENCY_THRESHOLD).sum().clamp(max=active))
+    return sorted(order[:count]), frequency
+
+
+def fit_linear_router(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression targets ≈ inputs @ W.T + b. Returns (W [outputs, hidden], b [outputs])."""
+    features = torch.cat([inputs, torch.ones(inputs.shape[0], 1)], dim=1).double()
+    gram = features.T @ features
+    ridge = RIDGE * gram.diagonal()[:-1].mean()
+    gram[:-1, :-1] += ridge * torch.eye(gram.shape[0] - 1, dtype=gram.dtype)
+    solution = torch.linalg.solve(gram, features.T @ targets.double())  # [hidden + 1, outputs]
+    return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
+
+
+def run_layer(layer, hidden_batches, kwargs_batches) -> list[torch.Tensor]:
+    return [layer(hidden_states, **kwargs) for hidden_states, kwargs in zip(hidden_batches, kwargs_batches)]
+
+
+def stream_loss(model, hidden_batches, token_batches, text_config) -> float:
+    """Mean next-token loss of final hidden states (final norm + LM head, with the family's logit scaling)."""
+    total, count = 0.0, 0
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    logits_scaling = getattr(text_config, "logits_scaling", None)
+    for hidden_states, tokens in zip(hidden_batches, token_batches):
+        for row in range(hidden_states.shape[0]):  # one window at a time: vocab-sized logits are large
+            logits = model.lm_head(model.model.norm(hidden_states[row : row + 1]))[0, :-1].float()
+            if logits_scaling:
+                logits = logits / logits_scaling
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            total += torch.nn.functional.cross_entropy(logits, tokens[row, 1:], reduction="sum").item()
+            count += tokens.shape[1] - 1
+    return total / max(count, 1)
+
+
+# --- the calibration run ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: int | None = None) -> dict:
+    """Calibrate the MoH model in `folder` in place (the caller provides a staging copy). Returns the report."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    started = time.perf_counter()
+    config = MoHConfig.from_pretrained(folder)
+    text_config = config.text_config
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calibration_windows, heldout_windows = load_calibration_windows(settings, tokenizer, folder)
+    batch_size = settings.calibration_batch_size
+    calibration_tokens = list(calibration_windows.split(batch_size))
+    heldout_tokens = list(heldout_windows.split(batch_size)) if heldout_windows.numel() else []
+
+    # The source model as a meta-device skeleton: only what is in use is ever materialised.
+    source_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
+    text_config._attn_implementation = "sdpa" if source_class._supports_sdpa else "eager"
+    with torch.device("meta"):
+        model = source_class(text_config)
+    model.eval()
+    weights = ShardedWeights(folder)
+    decoder = model.model
+    for name, child in decoder.named_children():
+        if name != "layers":
+            weights.load_into(child, f"model.{name}", model._init_weights)
+    if getattr(text_config, "tie_word_embeddings", False) or "lm_head.weight" not in weights.weight_map:
+        model.lm_head.weight = decoder.embed_tokens.weight
+    else:
+        weights.load_into(model.lm_head, "lm_head", model._init_weights)
+
+    # Every layer's inputs for every batch: hidden states of layer 0 plus masks / position embeddings.
+    real_layers = list(decoder.layers)
+    streams = {"calibration": calibration_tokens, "heldout": heldout_tokens}
+    layer_kwargs, hidden = {}, {}
+    for stream, token_batches in streams.items():
+        records_per_layer = [[] for _ in real_layers]
+        decoder.layers = torch.nn.ModuleList(
+            LayerInputRecorder(layer, records) for layer, records in zip(real_layers, records_per_layer)
+        )
+        for tokens in token_batches:
+            decoder(input_ids=tokens, use_cache=False)
+        layer_kwargs[stream] = [[kwargs for _, kwargs in records] for records in records_per_layer]
+        hidden[stream] = [hidden_states.float() for hidden_states, _ in records_per_layer[0]]
+    decoder.layers = torch.nn.ModuleList(real_layers)
+    # Held-out text flows through three versions of each layer: dense, as converted, and calibrated.
+    heldout = {"dense": hidden["heldout"], "before": hidden["heldout"], "after": hidden["heldout"]}
+
+    calibrated = MoHConfig.from_dict(config.to_dict())
+    calibrated.router, calibrated.gate_mode, calibrated.router_bias, calibrated.head_fallback = "learned", "binary", True, True
+    calibrated.shared_heads = [list(heads) for heads in config.shared_heads]
+    calibrated.routed_top_k = [config.layer_top_k(i) for i in range(config.num_layers)]
+    router_state, layer_reports = {}, []
+
+    for layer_idx in tqdm(range(config.num_layers), desc="Calibrating layers"):
+        layer = real_layers[layer_idx]
+        weights.load_into(layer, f"model.layers.{layer_idx}", model._init_weights)
+        attention = layer.self_attn
+        active = config.active_heads(layer_idx)
+        kwargs_calibration = layer_kwargs["calibration"][layer_idx]
+        kwargs_heldout = layer_kwargs["heldout"][layer_idx]
+
+        if heldout_tokens:
+            heldout["dense"] = run_layer(layer, heldout["dense"], kwargs_heldout)
+            attach_head_routing(attention, config, layer_idx)
+            if config.router == "learned" or config.head_fallback:
+                attention.moh.load_state_dict(
+                    {name: weights.get(f"model.layers.{layer_idx}.self_attn.moh.{name}") for name in attention.moh.state_dict()}
+                )
+            heldout["before"] = run_layer(layer, heldout["before"], kwargs_heldout)
+            detach_head_routing(attention)
+
+        inputs, outputs = head_outputs_and_inputs(layer, attention, hidden["calibration"], kwargs_calibration)
+        num_heads = config.num_heads
+        head_means = outputs.view(outputs.shape[0], num_heads, -1).mean(0)
+        importance = head_importance(outputs, head_means, attention.o_proj.weight)
+        shared, frequency = choose_shared_heads(importance, active, shared_heads)
+        routed = [head for head in range(num_heads) if head not in shared]
+        top_k = active - len(shared)
+        calibrated.shared_heads[layer_idx], calibrated.routed_top_k[layer_idx] = shared, top_k
+
+        router_weight, router_bias = fit_linear_router(inputs, importance[:, routed].clamp_min(1e-6).log())
+        scores = inputs @ router_weight.T + router_bias
+        router_pick = torch.zeros_like(scores).scatter_(1, scores.topk(top_k, dim=1).indices, 1.0)
+        oracle_pick = torch.zeros_like(scores).scatter_(1, importance[:, routed].topk(top_k, dim=1).indices, 1.0)
+        agreement = (router_pick * oracle_pick).sum(1).mean().item() / top_k if top_k else 1.0
+
+        # A skipped head outputs its mean over the tokens that skip it.
+        per_head = outputs.view(outputs.shape[0], num_heads, -1)
+        fallback = head_means.clone()
+        skipped = 1.0 - router_pick
+        skipped_count = skipped.sum(0)
+        for position, head in enumerate(routed):
+            if skipped_count[position] > 0:
+                fallback[head] = (per_head[:, head] * skipped[:, position : position + 1]).sum(0) / skipped_count[position]
+        del inputs, outputs, importance, per_head
+
+        routing = attach_head_routing(attention, calibrated, layer_idx)
+        routing.router.routed_proj.weight.copy_(router_weight)
+        routing.router.routed_proj.bias.copy_(router_bias)
+        routing.head_fallback.copy_(fallback)
+        hidden["calibration"] = run_layer(layer, hidden["calibration"], kwargs_calibration)
+        if heldout_tokens:
+            heldout["after"] = run_layer(layer, heldout["after"], kwargs_heldout)
+        dtype = _weights_dtype(text_config)
+        for name, tensor in routing.state_dict().items():
+            router_state[f"model.layers.{layer_idx}.self_attn.moh.{name}"] = tensor.to(dtype).clone()
+        detach_head_routing(attention)
+        layer.to("meta")  # free this layer's weights before the next one is read
+        layer_reports.append({
+            "layer": layer_idx, "shared_heads": shared, "routed_top_k": top_k,
+            "router_agreement": round(agreement, 4),
+            "oracle_keep_frequency": [round(value, 4) for value in frequency.tolist()],
+        })
+
+    perplexity = {}
+    if heldout_tokens:
+        perplexity = {name: round(math.exp(stream_loss(model, states, heldout_tokens, text_config)), 3)
+                      for name, states in heldout.items()}
+    report = {
+        "method": "sequential per-layer: importance ||(h_i - m_i) W_O^i||, shared heads by oracle keep frequency, "
+                  "ridge linear router on the attention input, mean fallback for skipped heads",
+        "calibration_data": settings.calibration_data,
+        "calibration_tokens": int(calibration_windows.numel()),
+        "heldout_tokens": int(heldout_windows.numel()),
+        "seq_len": settings.calibration_seq_len,
+        "seed": settings.seed,
+        "active_heads": [config.active_heads(i) for i in range(config.num_layers)],
+        "num_heads": config.num_heads,
+        "heldout_perplexity": perplexity,
+        "mean_router_agreement": round(sum(r["router_agreement"] for r in layer_reports) / len(layer_reports), 4),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "layers": layer_reports,
+    }
+    write_calibrated_files(folder, calibrated, router_state, report)
+    return report
+
+
+def _weights_dtype(text_config) -> torch.dtype:
+    dtype = getattr(text_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def write_calibrated_files(folder: Path, config: MoHConfig, router_state: dict, report: dict) -> None:
+    """Replace the router shard, index, config, report and model card section. Files are unlinked before being
+    rewritten: a staging copy may hard-link them to the original model."""
+    from safetensors.torch import save_file
+
+    from .convert import ROUTER_SHARD, safetensors_data_size
+
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    else:  # single-file model: it becomes shard 1 of an indexed checkpoint next to the router shard
+        weight_map = {name: "model-00001-of-00001.safetensors" for name in ShardedWeights(folder).weight_map}
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    weight_map = {name: file for name, file in weight_map.items() if ".self_attn.moh." not in name}
+    for path in (folder / ROUTER_SHARD, index_path, folder / "config.json", folder / REPORT_NAME):
+        path.unlink(missing_ok=True)
+    save_file(router_state, folder / ROUTER_SHARD, metadata={"format": "pt"})
+    weight_map.update({name: ROUTER_SHARD for name in router_state})
+    total_size = sum(safetensors_data_size(folder / name) for name in set(weight_map.values()))
+    index_path.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    config.save_pretrained(folder)
+    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    card = folder / "README.md"
+    if card.exists():
+        text = card.read_text()
+        card.unlink()
+        card.write_text(insert_card_section(text, calibration_card_section(report)))
+
+
+def calibration_card_section(report: dict) -> str:
+    ppl = report["heldout_perplexity"]
+    lines = [
+        "## Calibration\n",
+        f"Routers and shared heads were fitted on {report['calibration_tokens']:,} tokens of "
+        f"`{report['calibration_data']}` ({report['seq_len']}-token windows), one layer at a time, with no training "
+        f"(method: {report['method']}). Mean agreement of the router with the per-token oracle: "
+        f"{report['mean_router_agreement']:.0%}. Full per-layer report: `{REPORT_NAME}`.\n",
+    ]
+    if ppl:
+        lines += [
+            f"Perplexity on {report['heldout_tokens']:,} held-out tokens of the same source:\n",
+            "| model | perplexity |", "| --- | --- |",
+            f"| dense source | {ppl['dense']:.2f} |",
+            f"| MoH before calibration | {ppl['before']:.2f} |",
+            f"| MoH calibrated | {ppl['after']:.2f} |\n",
+        ]
+    shared = [layer["shared_heads"] for layer in report["layers"]]
+    lines.append("Shared heads per layer: " + "; ".join(f"{i}: {heads}" for i, heads in enumerate(shared)) + "\n")
+    return "\n".join(lines)
+
+
+def insert_card_section(card: str, section: str) -> str:
+    """Put `section` before '## Usage' (replacing an earlier '## Calibration' section)."""
+    if "## Calibration\n" in card:
+        start = card.index("## Calibration\n")
+        end = card.find("\n## ", start + 1)
+        card = card[:start] + (card[end + 1 :] if end != -1 else "")
+    marker = "## Usage"
+    if marker in card:
+        position = card.index(marker)
+        return card[:position] + section + "\n" + card[position:]
+    return card.rstrip("\n") + "\n\n" + section
+
+
+# --- public API ---------------------------------------------------------------------------------------------
+
+
+def calibrate(model: str | os.PathLike, **options) -> Path:
+    """Calibrate an already converted MoH model folder (in place, or into `output`). Returns the folder."""
+    from .convert import move_into_place
+
+    opts = validate_options(CalibrateOptions, options)
+    if opts.calibration_data is None:
+        raise MoHError("calibrate needs --calibration-data (a .txt/.jsonl file, a Hub dataset name, or 'self')")
+    model = Path(model).expanduser().resolve()
+    if not (model / "config.json").is_file():
+        raise MoHError(f"{model} is not a model folder (no config.json); convert a model first with `moh convert`")
+    if json.loads((model / "config.json").read_text()).get("model_type") != "moh":
+        raise MoHError(f"{model} is not a MoH model; convert it first with `moh convert`")
+    output = Path(opts.output).expanduser().resolve() if opts.output else model
+    if opts.output and output.exists() and not opts.overwrite:
+        raise MoHError(f"output {output} already exists; pass --overwrite to replace it")
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        staging = work_dir / output.name
+        # Hard links: the source weights are never rewritten, so the copy costs no disk space or time.
+        shutil.copytree(model, staging, copy_function=_link_or_copy)
+        settings = CalibrationSettings(**opts.model_dump(include=set(CalibrationSettings.model_fields)))
+        report = calibrate_folder(staging, settings, opts.shared_heads)
+        move_into_place(staging, output)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print_report(report)
+    return output
+
+
+def _link_or_copy(source, destination):
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def print_report(report: dict) -> None:
+    ppl = report["heldout_perplexity"]
+    if ppl:
+        print(
+            f"held-out perplexity: dense {ppl['dense']:.2f}, before {ppl['before']:.2f}, calibrated {ppl['after']:.2f} "
+            f"({ppl['after'] / ppl['dense']:.3f}x dense); router agreement {report['mean_router_agreement']:.0%}; "
+            f"{report['wall_time_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
+        )
+
+
+def register_cli(commands) -> None:
+    from .options import add_options_to_parser, options_from_args
+
+    parser = commands.add_parser(
+        "calibrate",
+        help="fit routers and shared heads of a converted model on a little text",
+        description="Choose each layer's shared heads from measured head importance and fit a linear router per "
+        "layer, one decoder layer at a time (peak memory: about one layer plus activations). Updates MODEL in "
+        "place unless --output is given. Writes calibration_report.json and a model card section.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a MoH model folder written by `moh convert`")
+    add_options_to_parser(parser, CalibrateOptions)
+
+    def run(args):
+        calibrate(args.model, **options_from_args(args, CalibrateOptions))
+
+    parser.set_defaults(handler=run)

@@ -1,0 +1,145 @@
+"""Calibration: layer-by-layer fitting of shared heads and routers, checked against the full model."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import moh_convert
+from moh_convert import MoHError
+from moh_convert.calibrate import CalibrationSettings, calibrate, load_calibration_windows
+from moh_convert.perplexity import perplexity
+
+from .conftest import synthetic_text
+
+SETTINGS = dict(calibration_tokens=1024, calibration_seq_len=64, calibration_heldout_tokens=256, calibration_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibration-text") / "text.txt"
+    path.write_text(synthetic_text(2000))
+    return path
+
+
+def converted(tiny_checkpoints, model_type, folder, **options):
+    return moh_convert.convert(tiny_checkpoints[model_type], folder, active_heads=2, shared_heads=1, **options)
+
+
+def heldout_windows(folder, text_file):
+    settings = CalibrationSettings(calibration_data=str(text_file), **SETTINGS)
+    return load_calibration_windows(settings, AutoTokenizer.from_pretrained(folder), folder)[1]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text", "phi3"])
+def test_layerwise_calibration_matches_the_saved_model(model_type, tiny_checkpoints, text_file, tmp_path):
+    # The report's perplexities come from the layer-by-layer machinery (meta-device skeleton, recorded masks and
+    # position embeddings); the saved model, loaded normally, must give the same numbers on the same windows.
+    out = converted(tiny_checkpoints, model_type, tmp_path / "moh")
+    calibrate(out, calibration_data=str(text_file), **SETTINGS)
+    report = json.loads((out / "calibration_report.json").read_text())
+    windows = heldout_windows(out, text_file)
+    calibrated = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[model_type], dtype=torch.float32)
+    ppl = report["heldout_perplexity"]
+    assert perplexity(calibrated, windows, progress=False) == pytest.approx(ppl["after"], rel=2e-3)
+    assert perplexity(dense, windows, progress=False) == pytest.approx(ppl["dense"], rel=2e-3)
+
+
+def test_calibrated_config_and_files(tiny_checkpoints, text_file, tmp_path):
+    out = converted(tiny_checkpoints, "llama", tmp_path / "moh")
+    calibrate(out, calibration_data=str(text_file), **SETTINGS)
+    config = json.loads((out / "config.json").read_text())
+    assert config["router"] == "learned" and config["head_fallback"] is True and config["router_bias"] is True
+    for layer, shared in enumerate(config["shared_heads"]):
+        assert len(shared) + config["routed_top_k"][layer] == 2, "active heads per layer must stay as converted"
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["calibration_tokens"] == 1024 and len(report["layers"]) == 2
+    assert [layer["shared_heads"] for layer in report["layers"]] == config["shared_heads"]
+    assert "## Calibration" in (out / "README.md").read_text()
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["model.layers.1.self_attn.moh.router.routed_proj.weight"] == "model-moh-routers.safetensors"
+    assert index["model.layers.1.self_attn.moh.head_fallback"] == "model-moh-routers.safetensors"
+    # Unselected heads output a constant, so the model keeps working with any padding/batching.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.generate(torch.tensor([[1, 40, 41, 42]]), max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+
+def test_calibration_moves_the_model_towards_dense(tiny_checkpoints, text_file, tmp_path):
+    out = converted(tiny_checkpoints, "mistral", tmp_path / "moh")
+    before = AutoModelForCausalLM.from_pretrained(out).eval()
+    calibrate(out, calibration_data=str(text_file), **SETTINGS)
+    after = AutoModelForCausalLM.from_pretrained(out).eval()
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["mistral"]).eval()
+    windows = heldout_windows(out, text_file)
+    with torch.no_grad():
+        reference = dense(windows).logits
+        error_before = (before(windows).logits - reference).pow(2).mean()
+        error_after = (after(windows).logits - reference).pow(2).mean()
+    assert error_after < error_before
+
+
+def test_calibration_is_deterministic(tiny_checkpoints, text_file, tmp_path):
+    tensors = []
+    for name in ("a", "b"):
+        out = converted(tiny_checkpoints, "llama", tmp_path / name)
+        calibrate(out, calibration_data=str(text_file), **SETTINGS)
+        with safe_open(out / "model-moh-routers.safetensors", framework="pt") as handle:
+            tensors.append({key: handle.get_tensor(key) for key in handle.keys()})
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][key], tensors[1][key]) for key in tensors[0])
+
+
+def test_fixed_number_of_shared_heads(tiny_checkpoints, text_file, tmp_path):
+    out = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=3, shared_heads=1)
+    calibrate(out, calibration_data=str(text_file), shared_heads=2, **SETTINGS)
+    config = json.loads((out / "config.json").read_text())
+    assert [len(shared) for shared in config["shared_heads"]] == [2, 2]
+    assert config["routed_top_k"] == [1, 1]
+
+
+def test_convert_with_calibration_and_output_option(tiny_checkpoints, text_file, tmp_path):
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": line}) for line in synthetic_text(2000).split(". ")))
+    out = moh_convert.convert(
+        tiny_checkpoints["granite"], tmp_path / "moh", active_heads=3, calibration_data=str(jsonl),
+        calibration_column="body", **SETTINGS,
+    )
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["calibration_data"] == str(jsonl)
+    # `moh calibrate --output` leaves the input model untouched.
+    plain = converted(tiny_checkpoints, "llama", tmp_path / "plain")
+    calibrate(plain, output=str(tmp_path / "calibrated"), calibration_data=str(text_file), **SETTINGS)
+    assert not (plain / "calibration_report.json").exists()
+    assert json.loads((plain / "config.json").read_text())["router"] == "query-norm"
+    assert (tmp_path / "calibrated" / "calibration_report.json").exists()
+
+
+def test_self_generated_calibration_data(tiny_checkpoints, tmp_path):
+    out = converted(tiny_checkpoints, "llama", tmp_path / "moh")
+    calibrate(out, calibration_data="self", calibration_tokens=256, calibration_seq_len=32, calibration_heldout_tokens=64)
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["calibration_data"] == "self" and report["calibration_tokens"] == 256
+    assert math.isfinite(report["heldout_perplexity"]["after"])
+
+
+def test_errors(tiny_checkpoints, text_file, tmp_path):
+    out = converted(tiny_checkpoints, "llama", tmp_path / "moh")
+    with pytest.raises(MoHError, match=r"calibration file .*missing.txt not found"):
+        calibrate(out, calibration_data=str(tmp_path / "missing.txt"))
+    with pytest.raises(MoHError, match=r"needs --calibration-data"):
+        calibrate(out)
+    with pytest.raises(MoHError, match=r"has \d+ tokens; \d+ are needed .* lower --calibration-tokens"):
+        calibrate(out, calibration_data=str(text_file), calibration_tokens=10**6)
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"content": "hello"}\n')
+    with pytest.raises(MoHError, match=r"bad.jsonl:1 is not a JSON object with a 'text' field"):
+        calibrate(out, calibration_data=str(bad_jsonl))
+    with pytest.raises(MoHError, match=r"is not a MoH model; convert it first"):
+        calibrate(tiny_checkpoints["llama"], calibration_data=str(text_file))
+    with pytest.raises(MoHError, match=r"unknown option 'calibration_token'"):
+        calibrate(out, calibration_data=str(text_file), calibration_token=5)
+    # Nothing was changed by the failed runs.
+    assert json.loads((out / "config.json").read_text())["router"] == "query-norm"
