@@ -5,9 +5,10 @@ layers below pass them on:
 1. Run the dense layer and record, per token, the attention input x and each head's output h_i (o_proj's input).
 2. A head's importance for a token is ||(h_i - m_i) W_O^i||: how far its contribution moves the output away from
    what the head gives on average (m_i, its mean output). The oracle keeps each token's top-`active` heads.
-3. Heads the oracle keeps for nearly every token become the layer's shared heads (or the top `--shared-heads` by
-   that frequency); the layer keeps shared + top-K = active heads per token.
-4. A linear router per layer is fitted by ridge regression from x to the log importance of each routed head.
+3. Shared heads are those the oracle keeps most often. How many is chosen per layer (unless `--shared-heads` is
+   given): for each count a router is fitted and the count whose routing loses the least attention output on
+   held-back calibration tokens wins. The layer keeps shared + top-K = active heads per token.
+4. The router is linear, fitted by ridge regression from x to the log importance of each routed head.
 5. A routed head a token skips outputs a constant: its mean output over the tokens that skip it (head fallback).
 6. The layer then runs as MoH, and its output feeds the next layer's calibration.
 Only one decoder layer's weights are in memory at a time (read from the safetensors shards), plus the embeddings,
@@ -32,8 +33,8 @@ from .modeling.modeling_moh import attach_head_routing, detach_head_routing
 from .options import validate_options
 
 REPORT_NAME = "calibration_report.json"
-# A head the oracle keeps for at least this share of tokens is made a shared (always-on) head.
-SHARED_FREQUENCY_THRESHOLD = 0.9
+# Calibration tokens set aside (per layer) to choose how many heads to share.
+CHECK_TOKENS = 4096
 RIDGE = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
 
 
@@ -249,27 +250,80 @@ def head_outputs_and_inputs(layer, attention, hidden_batches, kwargs_batches):
     return torch.cat(inputs).float(), torch.cat(outputs).float()
 
 
-def head_importance(head_outputs: torch.Tensor, head_means: torch.Tensor, o_proj_weight: torch.Tensor) -> torch.Tensor:
-    """||(h_i - m_i) W_O^i|| per token and head: [tokens, heads]. Chunked to bound memory."""
+def projected_deviation(head_outputs: torch.Tensor, head_means: torch.Tensor, o_proj_weight: torch.Tensor) -> torch.Tensor:
+    """(h_i - m_i) W_O^i per token and head: [tokens, heads, hidden], what each head adds beyond its average."""
     num_heads, head_dim = head_means.shape
     weight = o_proj_weight.float().view(-1, num_heads, head_dim)
-    chunks = []
-    for chunk in head_outputs.split(4096):
-        deviation = chunk.view(-1, num_heads, head_dim) - head_means
-        chunks.append(torch.einsum("nhd,ohd->nho", deviation, weight).norm(dim=-1))
-    return torch.cat(chunks)
+    deviation = head_outputs.view(-1, num_heads, head_dim) - head_means
+    return torch.einsum("nhd,ohd->nho", deviation, weight)
 
 
-def choose_shared_heads(importance: torch.Tensor, active: int, fixed_count: int | None) -> tuple[list[int], torch.Tensor]:
-    """Shared heads = those the oracle (each token's top-`active` heads by importance) keeps most often."""
+def head_importance(head_outputs: torch.Tensor, head_means: torch.Tensor, o_proj_weight: torch.Tensor) -> torch.Tensor:
+    """||(h_i - m_i) W_O^i|| per token and head: [tokens, heads]. Chunked to bound memory."""
+    return torch.cat([projected_deviation(chunk, head_means, o_proj_weight).norm(dim=-1) for chunk in head_outputs.split(512)])
+
+
+def keep_frequency(importance: torch.Tensor, active: int) -> torch.Tensor:
+    """Share of tokens for which each head is among the token's top-`active` heads by importance (the oracle)."""
     kept = torch.zeros_like(importance).scatter_(1, importance.topk(active, dim=1).indices, 1.0)
-    frequency = kept.mean(0)
+    return kept.mean(0)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
+
+
+def reconstruction_error(deviation: torch.Tensor, skipped: torch.Tensor, o_proj_weight: torch.Tensor) -> float:
+    """Mean squared norm of what the skipped heads would have added to the output, sum_i skipped_i (h_i - m_i) W_O^i.
+    deviation: [tokens, heads, head_dim] = h - m; skipped: [tokens, heads], 1 where the token skips the head."""
+    total = 0.0
+    for deviation_chunk, skipped_chunk in zip(deviation.split(512), skipped.split(512)):
+        lost = (deviation_chunk * skipped_chunk.unsqueeze(-1)).flatten(1) @ o_proj_weight.float().T
+        total += lost.pow(2).sum().item()
+    return total / deviation.shape[0]
+
+
+def candidate_shared_counts(active: int) -> list[int]:
+    """0..active, thinned to at most 9 values for models with many heads (each candidate costs a router fit)."""
+    return sorted({round(active * step / 8) for step in range(9)}) if active > 8 else list(range(active + 1))
+
+
+def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active: int, fixed_shared: int | None) -> dict:
+    """Pick the shared heads and fit the router of one layer.
+
+    Shared heads are the heads the oracle keeps most often. How many: `fixed_shared` if the user set it, otherwise
+    every count from 0 to `active` is tried (router fitted on the first part of the tokens) and the one whose
+    routing loses the least of the attention output on the last part (`deviation_check`: h - m there) wins. A router that cannot
+    see the context of a token is only worth its routing decisions where it is reliable."""
+    num_tokens, num_heads = importance.shape
+    num_fit = num_tokens - deviation_check.shape[0]
+    frequency = keep_frequency(importance, active)
     order = frequency.argsort(descending=True).tolist()
-    if fixed_count is not None:
-        count = min(fixed_count, active)
-    else:
-        count = int((frequency >= SHARED_FREQUENCY_THRESHOLD).sum().clamp(max=active))
-    return sorted(order[:count]), frequency
+    counts = [min(fixed_shared, active)] if fixed_shared is not None else candidate_shared_counts(active)
+    best = None
+    for count in counts:
+        shared = sorted(order[:count])
+        routed = [head for head in range(num_heads) if head not in shared]
+        top_k = active - count
+        if top_k == 0 or not routed:
+            weight, bias = torch.zeros(len(routed), inputs.shape[1]), torch.zeros(len(routed))
+        else:
+            targets = importance[:, routed].clamp_min(1e-6).log()
+            weight, bias = fit_linear_router(inputs[:num_fit], targets[:num_fit])
+        skipped = torch.ones(deviation_check.shape[0], num_heads)
+        skipped[:, shared] = 0.0
+        if top_k:
+            picks = top_k_mask(inputs[num_fit:] @ weight.T + bias, top_k)
+            skipped[:, routed] = 1.0 - picks
+        error = reconstruction_error(deviation_check, skipped, o_proj_weight) if len(counts) > 1 else 0.0
+        if best is None or error < best["error"]:
+            best = {"error": error, "shared": shared, "routed": routed, "top_k": top_k, "weight": weight, "bias": bias}
+    if fixed_shared is None and best["top_k"] > 0:
+        # Refit the chosen router on every calibration token.
+        targets = importance[:, best["routed"]].clamp_min(1e-6).log()
+        best["weight"], best["bias"] = fit_linear_router(inputs, targets)
+    best["frequency"] = frequency
+    return best
 
 
 def fit_linear_router(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,15 +436,18 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         num_heads = config.num_heads
         head_means = outputs.view(outputs.shape[0], num_heads, -1).mean(0)
         importance = head_importance(outputs, head_means, attention.o_proj.weight)
-        shared, frequency = choose_shared_heads(importance, active, shared_heads)
-        routed = [head for head in range(num_heads) if head not in shared]
-        top_k = active - len(shared)
+        # The last fifth of the tokens (at most CHECK_TOKENS) judges candidate splits.
+        num_check = min(CHECK_TOKENS, importance.shape[0] // 5)
+        deviation_check = outputs[-num_check:].view(num_check, num_heads, -1) - head_means
+        split = choose_head_split(inputs, importance, deviation_check, attention.o_proj.weight, active, shared_heads)
+        del deviation_check
+        shared, routed, top_k, frequency = split["shared"], split["routed"], split["top_k"], split["frequency"]
+        router_weight, router_bias = split["weight"], split["bias"]
         calibrated.shared_heads[layer_idx], calibrated.routed_top_k[layer_idx] = shared, top_k
 
-        router_weight, router_bias = fit_linear_router(inputs, importance[:, routed].clamp_min(1e-6).log())
         scores = inputs @ router_weight.T + router_bias
-        router_pick = torch.zeros_like(scores).scatter_(1, scores.topk(top_k, dim=1).indices, 1.0)
-        oracle_pick = torch.zeros_like(scores).scatter_(1, importance[:, routed].topk(top_k, dim=1).indices, 1.0)
+        router_pick = top_k_mask(scores, top_k)
+        oracle_pick = top_k_mask(importance[:, routed], top_k)
         agreement = (router_pick * oracle_pick).sum(1).mean().item() / top_k if top_k else 1.0
 
         # A skipped head outputs its mean over the tokens that skip it.
@@ -426,8 +483,9 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         perplexity = {name: round(math.exp(stream_loss(model, states, heldout_tokens, text_config)), 3)
                       for name, states in heldout.items()}
     report = {
-        "method": "sequential per-layer: importance ||(h_i - m_i) W_O^i||, shared heads by oracle keep frequency, "
-                  "ridge linear router on the attention input, mean fallback for skipped heads",
+        "method": "sequential per-layer: importance ||(h_i - m_i) W_O^i||; shared heads by oracle keep frequency, "
+                  "their number chosen by held-back reconstruction error; ridge linear router on the attention "
+                  "input; mean fallback for skipped heads",
         "calibration_data": settings.calibration_data,
         "calibration_tokens": int(calibration_windows.numel()),
         "heldout_tokens": int(heldout_windows.numel()),
