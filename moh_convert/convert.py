@@ -55,6 +55,7 @@ class ConvertOptions(CalibrationSettings):
     )
     base_model: str | None = Field(None, description="Hub id recorded as base_model in the model card.")
     overwrite: bool = Field(False, description="Replace OUTPUT if it exists.")
+    push_to_hub: str | None = Field(None, description="Hub repo id to publish OUTPUT to when done (see `moh push`).")
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> Path:
@@ -67,6 +68,10 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
     output = Path(output).expanduser().resolve()
     if output.exists() and not opts.overwrite:
         raise MoHError(f"output {output} already exists; pass --overwrite to replace it or choose another folder")
+    if opts.push_to_hub:
+        from .hub import check_push_ready
+
+        check_push_ready(opts.push_to_hub)  # a bad id, offline mode or no token fails now, not after the work
     output.parent.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
@@ -89,6 +94,10 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
         shutil.rmtree(work_dir, ignore_errors=True)
     if opts.calibration_data is not None:
         print_report(report)
+    if opts.push_to_hub:
+        from .hub import describe_push, push
+
+        print(describe_push(push(output, opts.push_to_hub)))
     return output
 
 

@@ -254,3 +254,23 @@ def test_already_moh_source(tiny_checkpoints, tmp_path):
     out = convert(tiny_checkpoints["llama"], tmp_path / "out")
     with pytest.raises(MoHError, match=r"already a MoH model"):
         convert(out, tmp_path / "again")
+
+
+def test_push_to_hub_fails_before_converting_when_offline(tiny_checkpoints, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MoHError, match=r"offline mode is on"):
+        convert(tiny_checkpoints["llama"], tmp_path / "out", push_to_hub="me/tiny-moh")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_to_hub_uploads_the_finished_folder(tiny_checkpoints, tmp_path, monkeypatch):
+    from moh_convert import hub
+
+    pushed = []
+    monkeypatch.setattr(hub, "check_push_ready", lambda repo_id: None)
+    monkeypatch.setattr(hub, "push", lambda folder, repo_id, **options: pushed.append((folder, repo_id)) or "pushed")
+    monkeypatch.setattr(hub, "describe_push", lambda result: result)
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", push_to_hub="me/tiny-moh")
+    assert pushed == [(out, "me/tiny-moh")] and (out / "config.json").exists()
