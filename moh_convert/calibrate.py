@@ -5,9 +5,9 @@ layers below pass them on:
 1. Run the dense layer and record, per token, the attention input x and each head's output h_i (o_proj's input).
 2. A head's importance for a token is ||(h_i - m_i) W_O^i||: how far its contribution moves the output away from
    what the head gives on average (m_i, its mean output). The oracle keeps each token's top-`active` heads.
-3. Shared heads are those the oracle keeps most often. How many is chosen per layer (unless `--shared-heads` is
-   given): for each count a router is fitted and the count whose routing loses the least attention output on
-   held-back calibration tokens wins. The layer keeps shared + top-K = active heads per token.
+3. Shared heads are those the oracle keeps most often (each layer its own). How many: as converted (default),
+   `--shared-heads N`, or `auto`: for each count a router is fitted and the count whose routing loses the least
+   attention output on held-back calibration tokens wins. The layer keeps shared + top-K = active heads per token.
 4. The router is linear, fitted by ridge regression from x to the log importance of each routed head.
 5. A routed head a token skips outputs a constant: its mean output over the tokens that skip it (head fallback).
 6. The layer then runs as MoH, and its output feeds the next layer's calibration.
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
@@ -48,11 +50,11 @@ class CalibrationSettings(BaseModel):
         description="Text to calibrate on: a .txt or .jsonl file, a Hugging Face dataset name, or 'self' "
         "(sample text from the model itself: no data needed).",
     )
-    calibration_tokens: int = Field(32768, gt=0, description="Tokens to calibrate on.")
+    calibration_tokens: int = Field(16384, gt=0, description="Tokens to calibrate on.")
     calibration_seq_len: int = Field(512, gt=1, description="Tokens per calibration window.")
     calibration_batch_size: int = Field(8, gt=0, description="Windows per forward pass (lower it to save memory).")
     calibration_heldout_tokens: int = Field(
-        4096, ge=0, description="Further tokens of the same source, held out for the before/after perplexity."
+        2048, ge=0, description="Further tokens of the same source, held out for the before/after perplexity."
     )
     calibration_dataset_config: str | None = Field(None, description="Config name of a Hub dataset.")
     calibration_split: str = Field("train", description="Split of a Hub dataset.")
@@ -63,8 +65,10 @@ class CalibrationSettings(BaseModel):
 class CalibrateOptions(CalibrationSettings):
     """Options of `moh calibrate` / `moh_convert.calibrate()`."""
 
-    shared_heads: int | None = Field(
-        None, ge=0, description="Shared heads per layer; default: chosen per layer from measured head importance."
+    shared_heads: int | Literal["auto"] | None = Field(
+        None,
+        description="How many shared heads per layer (which ones is always measured): a number, 'auto' (chosen per "
+        "layer from held-back calibration tokens), or by default as many as the converted model has.",
     )
     output: str | None = Field(None, description="Write the calibrated model here instead of updating MODEL.")
     overwrite: bool = Field(False, description="Replace --output if it exists.")
@@ -361,7 +365,7 @@ def stream_loss(model, hidden_batches, token_batches, text_config) -> float:
 
 
 @torch.no_grad()
-def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: int | None = None) -> dict:
+def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: int | str | None = None) -> dict:
     """Calibrate the MoH model in `folder` in place (the caller provides a staging copy). Returns the report."""
     from transformers import AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -439,7 +443,9 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         # The last fifth of the tokens (at most CHECK_TOKENS) judges candidate splits.
         num_check = min(CHECK_TOKENS, importance.shape[0] // 5)
         deviation_check = outputs[-num_check:].view(num_check, num_heads, -1) - head_means
-        split = choose_head_split(inputs, importance, deviation_check, attention.o_proj.weight, active, shared_heads)
+        # None keeps the converted model's count (the paper's 50%: measured best on SmolLM2, see BENCHMARKS.md).
+        fixed_shared = None if shared_heads == "auto" else len(config.shared_heads[layer_idx]) if shared_heads is None else shared_heads
+        split = choose_head_split(inputs, importance, deviation_check, attention.o_proj.weight, active, fixed_shared)
         del deviation_check
         shared, routed, top_k, frequency = split["shared"], split["routed"], split["top_k"], split["frequency"]
         router_weight, router_bias = split["weight"], split["bias"]

@@ -86,9 +86,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
         write_model_card(staging, moh_config, source_checkpoint.name, base_model=base_model)
         if opts.calibration_data is not None:
             settings = CalibrationSettings(**opts.model_dump(include=set(CalibrationSettings.model_fields)))
-            # Shared heads are chosen per layer from measurements unless the user fixed how many.
-            fixed_shared = None if opts.shared_heads is None and opts.shared_ratio is None else len(moh_config.shared_heads[0])
-            report = calibrate_folder(staging, settings, shared_heads=fixed_shared)
+            # Calibration keeps the number of shared heads and measures which ones each layer shares.
+            report = calibrate_folder(staging, settings)
         move_into_place(staging, output)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

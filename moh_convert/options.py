@@ -29,9 +29,10 @@ def _choices(annotation) -> list | None:
     if typing.get_origin(annotation) is typing.Literal:
         return list(typing.get_args(annotation))
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if typing.get_origin(arg) is typing.Literal:
-                return list(typing.get_args(arg))
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        # `int | Literal["auto"]` takes numbers too: leave it to pydantic, which checks both.
+        if len(members) == 1 and typing.get_origin(members[0]) is typing.Literal:
+            return list(typing.get_args(members[0]))
     return None
 
 

@@ -143,3 +143,12 @@ def test_errors(tiny_checkpoints, text_file, tmp_path):
         calibrate(out, calibration_data=str(text_file), calibration_token=5)
     # Nothing was changed by the failed runs.
     assert json.loads((out / "config.json").read_text())["router"] == "query-norm"
+
+
+def test_shared_count_kept_by_default_and_auto_chooses_per_layer(tiny_checkpoints, text_file, tmp_path):
+    out = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=3, shared_heads=1)
+    calibrate(out, calibration_data=str(text_file), **SETTINGS)
+    assert [len(heads) for heads in json.loads((out / "config.json").read_text())["shared_heads"]] == [1, 1]
+    calibrate(out, calibration_data=str(text_file), shared_heads="auto", **SETTINGS)
+    config = json.loads((out / "config.json").read_text())
+    assert all(len(heads) + top_k == 3 for heads, top_k in zip(config["shared_heads"], config["routed_top_k"]))
