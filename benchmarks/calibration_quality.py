@@ -137,6 +137,7 @@ def main():
             row[f"{label}_agreement"] = calibration["router_agreement"]
             print(f"  {label} calibration at {active}/9: {calibration}", flush=True)
         rows.append(row)
+        write_markdown(Path(args.markdown), dense, rows, None, args)  # keep what is measured if a later step fails
 
     big = None
     if not args.skip_1b:
