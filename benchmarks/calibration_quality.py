@@ -18,12 +18,12 @@ import resource
 import shlex
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTION_START, SECTION_END = "<!-- calibration_quality:start -->", "<!-- calibration_quality:end -->"
+QUALITY_MARKERS = ("<!-- calibration_quality:start -->", "<!-- calibration_quality:end -->")
+MEMORY_MARKERS = ("<!-- calibration_memory:start -->", "<!-- calibration_memory:end -->")
 NUM_HEADS = 9
 PAPER_SHARED = 4  # the paper shares 50% of heads: 4 of SmolLM2's 9
 
@@ -105,15 +105,23 @@ def main():
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--self-tokens", type=int, default=16384, help="tokens of self-sampled text")
     parser.add_argument("--skip-1b", action="store_true", help="skip the 1.1B-parameter memory run")
+    parser.add_argument("--only-1b", action="store_true", help="only the 1.1B-parameter memory run")
+    parser.add_argument("--big-tokens", type=int, default=2048, help="calibration tokens for the 1.1B run")
     parser.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
-
-    import moh_convert
-
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     data_dir = str(Path(args.data_dir).resolve())
     valid = str(Path(data_dir) / "wikitext-2" / "valid.txt")
+    if not args.only_1b:
+        measure_quality(args, work_dir, data_dir, valid)
+    if not args.skip_1b:
+        measure_big_model_memory(args, work_dir, valid)
+
+
+def measure_quality(args, work_dir: Path, data_dir: str, valid: str) -> None:
+    import moh_convert
+
     source = smollm2_source(work_dir)
 
     def ppl(folder: Path) -> float:
@@ -137,28 +145,57 @@ def main():
             row[f"{label}_agreement"] = calibration["router_agreement"]
             print(f"  {label} calibration at {active}/9: {calibration}", flush=True)
         rows.append(row)
-        write_markdown(Path(args.markdown), dense, rows, None, args)  # keep what is measured if a later step fails
-
-    big = None
-    if not args.skip_1b:
-        big_source = work_dir / "llama-1.1b-random"
-        if not (big_source / "config.json").exists():
-            run_child(BUILD_1B_CHILD, str(big_source), valid)
-        big_moh = moh_convert.convert(big_source, work_dir / "llama-1.1b-moh", overwrite=True)
-        result = run_child(CALIBRATE_CHILD, str(big_moh), valid, "8192")
-        big = {"size_mb": folder_size_mb(big_source), "rss_mb": result["report_peak_rss_mb"], "time": result["wall_time_s"]}
-        print(f"  1.1B calibration: {big}", flush=True)
-
-    write_markdown(Path(args.markdown), dense, rows, big, args)
+        write_section(Path(args.markdown), QUALITY_MARKERS, quality_lines(dense, rows, args))
 
 
-def write_markdown(path: Path, dense: float, rows: list, big: dict | None, args) -> None:
-    command = "python benchmarks/calibration_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def measure_big_model_memory(args, work_dir: Path, valid: str) -> None:
+    import moh_convert
+
+    big_source = work_dir / "llama-1.1b-random"
+    if not (big_source / "config.json").exists():
+        run_child(BUILD_1B_CHILD, str(big_source), valid)
+    big_moh = moh_convert.convert(big_source, work_dir / "llama-1.1b-moh", overwrite=True)
+    result = run_child(CALIBRATE_CHILD, str(big_moh), valid, str(args.big_tokens))
+    big = {"size_mb": folder_size_mb(big_source), "rss_mb": result["report_peak_rss_mb"], "time": result["wall_time_s"]}
+    print(f"  1.1B calibration: {big}", flush=True)
     lines = [
-        SECTION_START,
+        "## Calibration memory on a checkpoint of 1.1B parameters",
+        "",
+        f"- Command: `{command_line()}`",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Calibrating a random LLaMA of 1.1B parameters (22 layers, hidden 2048, 32 heads, bfloat16, 5 shards, "
+        f"{big['size_mb']:.0f} MB of weights; MoH at the default 75% active / 50% shared) on {args.big_tokens:,} "
+        f"tokens of WikiText-2 valid took {big['time']:.0f} s with a peak RSS of {big['rss_mb']:.0f} MB = "
+        f"{big['rss_mb'] / big['size_mb']:.0%} of the checkpoint's size, including about 400 MB for Python, torch and "
+        "transformers themselves. Layers are read one at a time from the shards; the embeddings, final norm and LM "
+        "head (untied here, 2 x 131 MB) stay in memory, in float32.",
+    ]
+    write_section(Path(args.markdown), MEMORY_MARKERS, lines)
+
+
+def command_line() -> str:
+    return ("python benchmarks/calibration_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+
+
+def write_section(path: Path, markers: tuple[str, str], lines: list[str]) -> None:
+    start_marker, end_marker = markers
+    section = "\n".join([start_marker, *lines, end_marker])
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start_marker in text:
+        start, end = text.index(start_marker), text.index(end_marker) + len(end_marker)
+        text = text[:start] + section + text[end:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+    print(section)
+
+
+def quality_lines(dense: float, rows: list, args) -> list[str]:
+    lines = [
         "## Calibrated conversion: quality, time, memory (SmolLM2-135M-Instruct)",
         "",
-        f"- Command: `{command.strip()}`",
+        f"- Command: `{command_line()}`",
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, no GPU",
         "- Perplexity: exp(mean token loss) over the first 48 non-overlapping 512-token windows of WikiText-2 test.txt.",
@@ -168,7 +205,7 @@ def write_markdown(path: Path, dense: float, rows: list, big: dict | None, args)
         "Paper recipe: first 4 heads shared, query-norm router, no calibration. Time and peak RSS are the calibration "
         "process's own (for self: including sampling the text).",
         "",
-        f"| active heads | dense | paper recipe | calibrated (file) | calibrated (self) | file time [s] | file peak RSS [MB] | self time [s] | router agreement (file) |",
+        "| active heads | dense | paper recipe | calibrated (file) | calibrated (self) | file time [s] | file peak RSS [MB] | self time [s] | router agreement (file) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
@@ -177,24 +214,7 @@ def write_markdown(path: Path, dense: float, rows: list, big: dict | None, args)
             f"{row['file']:.2f} ({row['file'] / dense:.3f}x) | {row['self']:.2f} ({row['self'] / dense:.3f}x) | "
             f"{row['file_time']:.0f} | {row['file_rss']:.0f} | {row['self_time']:.0f} | {row['file_agreement']:.0%} |"
         )
-    if big:
-        lines += [
-            "",
-            f"Layer-by-layer memory: calibrating a random LLaMA of 1.1B parameters (22 layers, bfloat16, 5 shards, "
-            f"{big['size_mb']:.0f} MB of weights) on 8,192 tokens took {big['time']:.0f} s with a peak RSS of "
-            f"{big['rss_mb']:.0f} MB = {big['rss_mb'] / big['size_mb']:.0%} of the checkpoint's size "
-            "(including about 400 MB for Python, torch and transformers themselves).",
-        ]
-    lines.append(SECTION_END)
-    section = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in text:
-        start, end = text.index(SECTION_START), text.index(SECTION_END) + len(SECTION_END)
-        text = text[:start] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-    print(section)
+    return lines
 
 
 if __name__ == "__main__":

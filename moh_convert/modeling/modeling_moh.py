@@ -10,7 +10,6 @@
 #   * a forward pre-hook on `o_proj` that multiplies each head's slice of o_proj's input by its gate.
 # Gating happens after the attention kernel, so eager, sdpa and flash attention all keep working.
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
