@@ -200,8 +200,8 @@ def quality_lines(dense: float, rows: list, args) -> list[str]:
         f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, no GPU",
         "- Perplexity: exp(mean token loss) over the first 48 non-overlapping 512-token windows of WikiText-2 test.txt.",
         f"- Calibration: on the first {args.calibration_tokens:,} tokens of valid.txt (file), or on {args.self_tokens:,} "
-        "tokens the model sampled itself from its BOS token (self: no data); 4 shared heads per layer, which ones "
-        "measured per layer. "
+        "tokens the model sampled itself from its BOS token (self: no data); default settings (shared heads and their "
+        "number chosen per layer, zero fallback). "
         "Paper recipe: first 4 heads shared, query-norm router, no calibration. Time and peak RSS are the calibration "
         "process's own (for self: including sampling the text).",
         "",

@@ -3,13 +3,16 @@
 Method (measured in BENCHMARKS.md). For every layer, in order, on the calibration tokens as the already calibrated
 layers below pass them on:
 1. Run the dense layer and record, per token, the attention input x and each head's output h_i (o_proj's input).
-2. A head's importance for a token is ||(h_i - m_i) W_O^i||: how far its contribution moves the output away from
-   what the head gives on average (m_i, its mean output). The oracle keeps each token's top-`active` heads.
-3. Shared heads are those the oracle keeps most often (each layer its own). How many: as converted (default),
-   `--shared-heads N`, or `auto`: for each count a router is fitted and the count whose routing loses the least
-   attention output on held-back calibration tokens wins. The layer keeps shared + top-K = active heads per token.
+2. A head's importance for a token is ||(h_i - f_i) W_O^i||: how much the output changes if the head is replaced by
+   its fallback f_i (zero, or its mean output). The oracle keeps each token's top-`active` heads.
+3. Shared heads are those the oracle keeps most often (each layer its own). How many: `--shared-heads N`, or
+   by default per layer: for each count a router is fitted and the count whose routing loses the least attention
+   output on held-back calibration tokens wins. The layer keeps shared + top-K = active heads per token.
+   (Sharing the paper's 50% of heads measured far worse on SmolLM2: 1.53x dense perplexity at 6/9 vs 1.19x with
+   none; see BENCHMARKS.md.)
 4. The router is linear, fitted by ridge regression from x to the log importance of each routed head.
-5. A routed head a token skips outputs a constant: its mean output over the tokens that skip it (head fallback).
+5. A routed head a token skips outputs zero (default), or with `--head-fallback mean` its mean output over the
+   tokens that skip it, importance then being measured against that mean.
 6. The layer then runs as MoH, and its output feeds the next layer's calibration.
 Only one decoder layer's weights are in memory at a time (read from the safetensors shards), plus the embeddings,
 the final norm and the LM head, plus activations.
@@ -60,15 +63,19 @@ class CalibrationSettings(BaseModel):
     calibration_split: str = Field("train", description="Split of a Hub dataset.")
     calibration_column: str = Field("text", description="Text column of a Hub dataset or key of a JSONL file.")
     seed: int = Field(0, description="Seed for sampling 'self' text (calibration is otherwise deterministic).")
+    head_fallback: Literal["zero", "mean"] = Field(
+        "zero", description="What a skipped head outputs: zero (the paper's binary gates) or its mean output on the "
+        "calibration text (importance is then measured as the deviation from that mean)."
+    )
 
 
 class CalibrateOptions(CalibrationSettings):
     """Options of `moh calibrate` / `moh_convert.calibrate()`."""
 
-    shared_heads: int | Literal["auto"] | None = Field(
-        None,
-        description="How many shared heads per layer (which ones is always measured): a number, 'auto' (chosen per "
-        "layer from held-back calibration tokens), or by default as many as the converted model has.",
+    shared_heads: int | Literal["auto"] = Field(
+        "auto",
+        description="How many shared heads per layer (which ones is always measured): 'auto' chooses per layer "
+        "from held-back calibration tokens; a number fixes it.",
     )
     output: str | None = Field(None, description="Write the calibrated model here instead of updating MODEL.")
     overwrite: bool = Field(False, description="Replace --output if it exists.")
@@ -365,7 +372,7 @@ def stream_loss(model, hidden_batches, token_batches, text_config) -> float:
 
 
 @torch.no_grad()
-def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: int | str | None = None) -> dict:
+def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: int | str = "auto") -> dict:
     """Calibrate the MoH model in `folder` in place (the caller provides a staging copy). Returns the report."""
     from transformers import AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -439,12 +446,13 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         inputs, outputs = head_outputs_and_inputs(layer, attention, hidden["calibration"], kwargs_calibration)
         num_heads = config.num_heads
         head_means = outputs.view(outputs.shape[0], num_heads, -1).mean(0)
+        if settings.head_fallback == "zero":  # importance is then the plain output norm ||h_i W_O^i||
+            head_means = torch.zeros_like(head_means)
         importance = head_importance(outputs, head_means, attention.o_proj.weight)
         # The last fifth of the tokens (at most CHECK_TOKENS) judges candidate splits.
         num_check = min(CHECK_TOKENS, importance.shape[0] // 5)
         deviation_check = outputs[-num_check:].view(num_check, num_heads, -1) - head_means
-        # None keeps the converted model's count (the paper's 50%: measured best on SmolLM2, see BENCHMARKS.md).
-        fixed_shared = None if shared_heads == "auto" else len(config.shared_heads[layer_idx]) if shared_heads is None else shared_heads
+        fixed_shared = None if shared_heads == "auto" else shared_heads
         split = choose_head_split(inputs, importance, deviation_check, attention.o_proj.weight, active, fixed_shared)
         del deviation_check
         shared, routed, top_k, frequency = split["shared"], split["routed"], split["top_k"], split["frequency"]
@@ -462,7 +470,7 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         skipped = 1.0 - router_pick
         skipped_count = skipped.sum(0)
         for position, head in enumerate(routed):
-            if skipped_count[position] > 0:
+            if skipped_count[position] > 0 and settings.head_fallback == "mean":
                 fallback[head] = (per_head[:, head] * skipped[:, position : position + 1]).sum(0) / skipped_count[position]
         del inputs, outputs, importance, per_head
 
@@ -489,9 +497,9 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         perplexity = {name: round(math.exp(stream_loss(model, states, heldout_tokens, text_config)), 3)
                       for name, states in heldout.items()}
     report = {
-        "method": "sequential per-layer: importance ||(h_i - m_i) W_O^i||; shared heads by oracle keep frequency, "
+        "method": f"sequential per-layer: importance ||(h_i - f_i) W_O^i|| with {settings.head_fallback} fallback f; shared heads by oracle keep frequency, "
                   "their number chosen by held-back reconstruction error; ridge linear router on the attention "
-                  "input; mean fallback for skipped heads",
+                  "input",
         "calibration_data": settings.calibration_data,
         "calibration_tokens": int(calibration_windows.numel()),
         "heldout_tokens": int(heldout_windows.numel()),

@@ -86,8 +86,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
         write_model_card(staging, moh_config, source_checkpoint.name, base_model=base_model)
         if opts.calibration_data is not None:
             settings = CalibrationSettings(**opts.model_dump(include=set(CalibrationSettings.model_fields)))
-            # Calibration keeps the number of shared heads and measures which ones each layer shares.
-            report = calibrate_folder(staging, settings)
+            # Calibration measures which heads each layer shares, and how many unless the user fixed that number.
+            report = calibrate_folder(staging, settings, opts.shared_heads if opts.shared_heads is not None else "auto")
         move_into_place(staging, output)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

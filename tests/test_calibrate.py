@@ -145,10 +145,14 @@ def test_errors(tiny_checkpoints, text_file, tmp_path):
     assert json.loads((out / "config.json").read_text())["router"] == "query-norm"
 
 
-def test_shared_count_kept_by_default_and_auto_chooses_per_layer(tiny_checkpoints, text_file, tmp_path):
+def test_mean_fallback_and_per_layer_shared_count(tiny_checkpoints, text_file, tmp_path):
     out = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=3, shared_heads=1)
-    calibrate(out, calibration_data=str(text_file), **SETTINGS)
-    assert [len(heads) for heads in json.loads((out / "config.json").read_text())["shared_heads"]] == [1, 1]
-    calibrate(out, calibration_data=str(text_file), shared_heads="auto", **SETTINGS)
+    calibrate(out, calibration_data=str(text_file), head_fallback="mean", **SETTINGS)
     config = json.loads((out / "config.json").read_text())
     assert all(len(heads) + top_k == 3 for heads, top_k in zip(config["shared_heads"], config["routed_top_k"]))
+    with safe_open(out / "model-moh-routers.safetensors", framework="pt") as handle:
+        assert handle.get_tensor("model.layers.0.self_attn.moh.head_fallback").abs().sum() > 0
+    windows = heldout_windows(out, text_file)
+    report = json.loads((out / "calibration_report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert perplexity(model, windows, progress=False) == pytest.approx(report["heldout_perplexity"]["after"], rel=2e-3)
