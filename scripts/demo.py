@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--data-dir", default="../shared/data", help="folder with wikitext-2/test.txt (default: %(default)s)")
     parser.add_argument("--output", default="demo-output", help="where converted models go (default: %(default)s)")
     parser.add_argument("--active-heads", type=int, default=6, help="of SmolLM2's 9 heads (default: %(default)s)")
-    parser.add_argument("--shared-heads", type=int, default=4, help="(default: %(default)s, the paper's 50%%)")
+    parser.add_argument("--shared-heads", type=int, default=4, help="for the paper recipe (default: %(default)s, the paper's 50%%)")
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="(default: %(default)s)")
     parser.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows for perplexity")
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -58,10 +58,11 @@ def main():
     calibration_text = data_dir / "wikitext-2" / "valid.txt"
     calibrated_folder = output / f"smollm2-135m-moh-{args.active_heads}of9-calibrated"
     calibration = str(calibration_text) if calibration_text.exists() else "self"
-    print(f"$ moh convert {source} {calibrated_folder} {heads} --calibration-data {calibration} "
-          f"--calibration-tokens {args.calibration_tokens} --overwrite")
-    moh_convert.convert(source, calibrated_folder, active_heads=args.active_heads, shared_heads=args.shared_heads,
-                        calibration_data=calibration, calibration_tokens=args.calibration_tokens, overwrite=True)
+    # Calibration chooses each layer's shared heads (and how many) itself.
+    print(f"$ moh convert {source} {calibrated_folder} --active-heads {args.active_heads} --calibration-data "
+          f"{calibration} --calibration-tokens {args.calibration_tokens} --overwrite")
+    moh_convert.convert(source, calibrated_folder, active_heads=args.active_heads, calibration_data=calibration,
+                        calibration_tokens=args.calibration_tokens, overwrite=True)
 
     tokenizer = AutoTokenizer.from_pretrained(paper_folder)
     models = {
