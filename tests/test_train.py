@@ -1,0 +1,364 @@
+"""`moh train`: recipe validation, routing losses, distributed equivalence, kill + resume, routers/LoRA saves."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import moh_convert
+from moh_convert import train as moh_train
+from moh_convert.errors import MoHError
+
+from .conftest import synthetic_text
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_2PROC = REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
+
+
+def child_env(tmp_path: Path) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
+
+
+@pytest.fixture(scope="module")
+def tiny_moh(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Tiny llama converted twice (3 of 4 heads, 1 shared): query-norm router and learned router; plus text."""
+    root = tmp_path_factory.mktemp("train-tiny")
+    folders = {
+        "query-norm": moh_convert.convert(tiny_checkpoints["llama"], root / "moh-qn", active_heads=3, shared_heads=1),
+        "learned": moh_convert.convert(tiny_checkpoints["llama"], root / "moh-learned", active_heads=3,
+                                       shared_heads=1, router="learned"),
+        "text": root / "train.txt",
+    }
+    folders["text"].write_text(synthetic_text(12000))
+    return folders
+
+
+def tiny_recipe(model: Path, text: Path, output_dir: Path, **changes) -> dict:
+    recipe = {
+        "model": str(model), "output_dir": str(output_dir), "data": {"path": str(text)},
+        "seq_len": 32, "max_steps": 6, "global_batch_tokens": 128, "micro_batch_size": 2,
+        "learning_rate": 3e-3, "final_learning_rate": 3e-4, "warmup_steps": 2, "eval_windows": 2, "eval_every": 3,
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Recipe errors must come before any model is loaded: loading now fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recipe was validated")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    "changes, key, words",
+    [
+        ({"learning_rte": 1e-4}, "learning_rte", "valid keys: model, output_dir, data"),
+        ({"data": {"path": "x.txt", "colum": "text"}}, "data.colum", "valid keys: path, dataset"),
+        ({"data": {"path": "no-such-file.txt"}}, "data.path", "not found"),
+        ({"data": {}}, "data", "exactly one of `path`"),
+        ({"seq_len": 512}, "seq_len", "max_position_embeddings (256)"),
+        ({"global_batch_tokens": 100}, "global_batch_tokens", "multiple of seq_len"),
+        ({"global_batch_tokens": 32 * 6, "micro_batch_size": 4}, "global_batch_tokens", "micro_batch_size (4)"),
+        ({"max_tokens": 1000}, "max_tokens", "exactly one"),
+        ({"warmup_steps": 6}, "warmup_steps", "below the 6 training steps"),
+        ({"trainable": "routers"}, "trainable", "parameter-free"),
+        ({"trainable": "everything"}, "trainable", "'all', 'routers' or 'lora'"),
+        ({"trainable": "lora", "lora": {"save": "adapter", "target_modules": ["o_proj"]}}, "lora.target_modules",
+         "o_proj"),
+    ],
+)
+def test_bad_recipes_fail_before_loading_and_name_the_key(tiny_moh, tmp_path, no_model_loading, changes, key, words):
+    recipe = tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], tmp_path / "run")
+    data_changes = changes.pop("data", None)
+    recipe.update(changes)
+    if data_changes is not None:
+        recipe["data"] = data_changes
+    with pytest.raises(MoHError) as error:
+        moh_train.train(recipe)
+    assert f"'{key}'" in str(error.value) and words in str(error.value), str(error.value)
+
+
+def test_set_overrides_are_yaml_values_and_reach_nested_keys(tiny_moh, tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], tmp_path / "run"))
+    recipe = moh_train.load_recipe(path, ["max_steps=9", "lora.r=4", "lora.target_modules=[q_proj, v_proj]",
+                                          "max_grad_norm=null"])
+    assert (recipe.max_steps, recipe.lora.r, recipe.lora.target_modules, recipe.max_grad_norm) == (
+        9, 4, ["q_proj", "v_proj"], None)
+    with pytest.raises(MoHError, match="KEY=VALUE"):
+        moh_train.load_recipe(path, ["max_steps"])
+    with pytest.raises(MoHError, match="unknown recipe key 'lora.rank'"):
+        moh_train.load_recipe(path, ["lora.rank=4"])
+
+
+def test_existing_checkpoints_need_resume(tiny_moh, tmp_path, no_model_loading):
+    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").write_text("{}")
+    with pytest.raises(MoHError, match="'output_dir'.*--resume"):
+        moh_train.train(tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], tmp_path / "run"))
+
+
+# ------------------------------------------------------------------------------------------- pieces of the loop
+
+
+def test_learning_rate_warms_up_then_reaches_the_final_rate():
+    recipe = moh_train.TrainRecipe(model="m", output_dir="o", data={"path": "x"}, max_steps=10, warmup_steps=2,
+                                   learning_rate=1.0, final_learning_rate=0.1)
+    rates = [moh_train.learning_rate_at(step, recipe, 10) for step in range(10)]
+    assert rates[:3] == [0.5, 1.0, 1.0] and rates[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:]))
+
+
+def test_routing_losses_follow_their_formulas(tiny_moh):
+    model = AutoModelForCausalLM.from_pretrained(tiny_moh["learned"], dtype=torch.float32)
+    with torch.no_grad():  # a learned router with non-zero weights, so routing is not uniform
+        for name, parameter in model.named_parameters():
+            if ".moh." in name:
+                parameter.normal_(0, 0.5)
+    routings = moh_train.routing_modules(model)
+    logits = moh_train.RouterLogits(routings)
+    model.train()
+    model(input_ids=torch.randint(4, 100, (2, 16)))
+    moh_losses = moh_train.routing_losses(routings, logits, "moh")
+    moa_losses = moh_train.routing_losses(routings, logits, "moa")
+    expected_balance, expected_z = [], []
+    for index, routing in enumerate(routings):
+        probs, mask = routing.last_router_probs, routing.last_routed_mask
+        expected_balance.append((probs.mean(dim=(0, 1)) * mask.mean(dim=(0, 1))).sum())
+        expected_z.append((torch.logsumexp(logits.logits[index], -1) ** 2).mean())
+        # the captured logits are the router's: softmax of them is what it returned
+        torch.testing.assert_close(logits.logits[index].softmax(-1), probs)
+    torch.testing.assert_close(moh_losses["load_balance_loss"], torch.stack(expected_balance).mean())
+    torch.testing.assert_close(moa_losses["load_balance_loss"], torch.stack(expected_balance).mean() * 3 / 2)
+    torch.testing.assert_close(moh_losses["z_loss"], torch.stack(expected_z).mean())
+    assert moh_losses["load_balance_loss"].requires_grad  # it trains the routers
+    assert 0 < moh_losses["load_spread"] <= 1
+
+
+def test_lora_on_o_proj_sees_the_gated_heads(tiny_moh):
+    """peft wraps o_proj; MoH's gate hook must move to the wrapper, or the LoRA branch adds an ungated update and
+    the merged model (which gates everything) would differ from the trained one."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_moh["query-norm"], dtype=torch.float32).eval()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+    input_ids = torch.randint(4, 100, (2, 12))
+    with torch.no_grad():
+        unmoved = peft_model(input_ids=input_ids).logits
+        assert moh_train.move_routing_hooks_to_lora_wrappers(peft_model) == 2 * 2  # q_proj + o_proj hooks, 2 layers
+        trained_view = peft_model(input_ids=input_ids).logits
+        # What the merged save holds, loaded as a plain MoH model (merging drops the wrappers and their hooks).
+        merged_model = AutoModelForCausalLM.from_pretrained(tiny_moh["query-norm"], dtype=torch.float32).eval()
+        merged_model.load_state_dict(peft_model.merge_and_unload().state_dict())
+        merged = merged_model(input_ids=input_ids).logits
+    torch.testing.assert_close(trained_view, merged, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmoved, merged, atol=1e-3)  # without the move, training sees another model
+
+
+# ------------------------------------------------------------------------------------------- kill + resume
+
+KILL_AFTER_FIRST_CHECKPOINT = r"""
+import os, signal, sys
+from moh_convert import train
+save_checkpoint = train.save_checkpoint
+def save_then_die(*args, **kwargs):
+    save_checkpoint(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # as a node failure would: no cleanup, no final save
+train.save_checkpoint = save_then_die
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_moh, tmp_path):
+    common = dict(save_every=2, eval_windows=2, eval_every=3)
+    reference = tmp_path / "uninterrupted"
+    moh_train.train(tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], reference, **common))
+
+    run = tmp_path / "interrupted"
+    recipe_path = write_recipe(tmp_path / "recipe.yaml",
+                               tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], run, **common))
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, str(recipe_path)],
+                            capture_output=True, text=True, env=child_env(tmp_path), cwd=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(run)] == [1, 2] and not (run / "model").exists()
+    # A checkpoint being written when the process died is ignored on resume.
+    (run / "checkpoints" / ".step-00000004.partial").mkdir()
+
+    resumed = subprocess.run([sys.executable, "-m", "moh_convert", "train", str(recipe_path), "--resume"],
+                             capture_output=True, text=True, env=child_env(tmp_path), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(step 2, 8 sequences done)" in resumed.stdout
+
+    expected, actual = read_metrics(reference), read_metrics(run)
+    assert [m["step"] for m in actual] == [1, 2, 3, 4, 5, 6]
+    for want, got in zip(expected, actual):
+        assert (got["step"], got["sequences_consumed"], got["tokens"]) == (
+            want["step"], want["sequences_consumed"], want["tokens"])
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["step"]
+        assert got.get("heldout_perplexity") == pytest.approx(want.get("heldout_perplexity"), rel=1e-5)
+    final_expected, final_actual = tensors(reference / "model"), tensors(run / "model")
+    assert final_expected.keys() == final_actual.keys()
+    for name in final_expected:
+        torch.testing.assert_close(final_actual[name], final_expected[name], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- routers / LoRA saves
+
+LOAD_WITHOUT_TOOLKIT = r"""
+import json, sys
+sys.modules["moh_convert"] = None  # any import of moh_convert now raises ImportError
+import torch
+from transformers import AutoModelForCausalLM
+input_ids = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33]])
+logits = {}
+for path in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        logits[path] = model(input_ids=input_ids).logits[0, -1].tolist()
+print("LOGITS" + json.dumps(logits))
+"""
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    result = {}
+    for shard in folder.glob("*.safetensors"):
+        result.update(load_file(shard))
+    return result
+
+
+def test_trainable_routers_and_lora_save_models_that_load_without_the_toolkit(tiny_moh, tmp_path):
+    source = tiny_moh["learned"]
+    routers = moh_train.train(tiny_recipe(source, tiny_moh["text"], tmp_path / "routers", trainable="routers",
+                                          max_steps=3, warmup_steps=0, eval_every=0))
+    lora = moh_train.train(tiny_recipe(source, tiny_moh["text"], tmp_path / "lora", trainable="lora", max_steps=3,
+                                       warmup_steps=0, eval_every=0, lora={"r": 4, "alpha": 8}))
+    adapter = moh_train.train(tiny_recipe(source, tiny_moh["text"], tmp_path / "adapter", trainable="lora",
+                                          max_steps=2, warmup_steps=0, eval_windows=0,
+                                          lora={"r": 4, "save": "adapter"}))
+    before = tensors(source)
+
+    # routers: only the router tensors moved
+    after = tensors(routers)
+    assert after.keys() == before.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(".moh." in name for name in changed), sorted(changed)[:5]
+
+    # lora, merged: same tensor names as a converted model, the adapted projections (not o_proj) changed
+    after = tensors(lora)
+    assert after.keys() == before.keys()
+    changed = {name.split(".")[-2] for name in before if not torch.equal(before[name], after[name])}
+    assert {"q_proj", "v_proj", "down_proj"} <= changed and "o_proj" not in changed, changed
+
+    # both folders are laid out like `moh convert` output and carry a Training section
+    for folder in (routers, lora):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_type"] == "moh" and config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_moh")
+        assert (folder / "modeling_moh.py").read_bytes() == (REPO / "moh_convert/modeling/modeling_moh.py").read_bytes()
+        assert (folder / "tokenizer.json").is_file()
+        card = (folder / "README.md").read_text()
+        assert "## Training" in card and "| trainable |" in card and "## Conversion" in card
+
+    # adapter: a peft folder that applies to the converted model
+    from peft import PeftModel
+
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    PeftModel.from_pretrained(base, adapter)
+
+    loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_TOOLKIT, str(routers), str(lora)],
+                            capture_output=True, text=True, env=child_env(tmp_path), cwd=tmp_path,
+                            stdin=subprocess.DEVNULL)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    remote_logits = json.loads(loaded.stdout.split("LOGITS", 1)[1])
+    input_ids = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33]])
+    for folder in (routers, lora):  # the remote-code model computes what the toolkit's own class computes
+        native = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            expected = native(input_ids=input_ids).logits[0, -1]
+        torch.testing.assert_close(torch.tensor(remote_logits[str(folder)]), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fsdp_config_wraps_each_family_decoder_layer(tiny_checkpoints, tmp_path):
+    """recipes/accelerate/fsdp.yaml names no layer class: accelerate then wraps the model's `_no_split_modules`,
+    which a MoH model takes from its source family (the decoder layer class differs per family)."""
+    import yaml
+
+    fsdp = yaml.safe_load((REPO / "recipes/accelerate/fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
+    for family in ("llama", "qwen3", "gemma3_text", "phi3"):
+        folder = moh_convert.convert(tiny_checkpoints[family], tmp_path / family, active_heads=3, shared_heads=1)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        layer_classes = {type(layer).__name__ for layer in model.model.layers}
+        assert set(model._no_split_modules) == layer_classes and len(layer_classes) == 1, family
+
+
+# ------------------------------------------------------------------------------------------- 1 vs 2 processes
+
+
+@pytest.fixture(scope="module")
+def smollm2_moh_6of9(smollm2_folder, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted with the paper's defaults at 6 of 9 heads (4 shared + top-2 of 5)."""
+    return moh_convert.convert(smollm2_folder, tmp_path_factory.mktemp("smollm2-train") / "moh-6of9", active_heads=6)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_on_smollm2(smollm2_moh_6of9, tmp_path):
+    text = tmp_path / "valid.txt"
+    wikitext = Path(os.environ.get("MOH_DATA_DIR", REPO.parent / "shared" / "data")) / "wikitext-2" / "valid.txt"
+    text.write_text(wikitext.read_text()[:20000] if wikitext.is_file() else synthetic_text(4000))
+    recipe = {
+        "model": str(smollm2_moh_6of9), "output_dir": "run", "data": {"path": str(text)}, "seq_len": 32,
+        "max_steps": 2, "global_batch_tokens": 128, "micro_batch_size": 1, "learning_rate": 1e-4,
+        "final_learning_rate": 1e-5, "eval_windows": 0,
+    }
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    env = child_env(tmp_path)
+    single = subprocess.run([sys.executable, "-m", "moh_convert.train", str(recipe_path), "--set", "output_dir=one"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = str(29600 + os.getpid() % 300)
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), "--main_process_port",
+         port, "-m", "moh_convert.train", str(recipe_path), "--set", "output_dir=two"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "model" / "training_summary.json").read_text())["processes"] == 2
+    assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["lr"] == a["lr"] and b["sequences_consumed"] == a["sequences_consumed"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["load_balance_loss"] == pytest.approx(a["load_balance_loss"], rel=1e-5, abs=1e-6)
+    assert one[1]["loss"] != one[0]["loss"]  # the first step did train
