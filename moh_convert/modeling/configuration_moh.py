@@ -11,6 +11,9 @@ ROUTERS = ("query-norm", "learned")
 #         estimator in training). two-stage: the paper's learned routing for from-scratch training, rescaled
 #         so uniform routing keeps the dense output scale. softmax: MoA-style raw softmax weights.
 GATE_MODES = ("binary", "two-stage", "softmax")
+# sparse: at inference, attention is computed only for the (token, head) pairs a token selected (see modeling_moh.py).
+# masked: every head is computed and unselected heads are multiplied by 0 (the reference; training always uses it).
+ATTENTION_PATHS = ("sparse", "masked")
 
 
 class MoHConfig(PreTrainedConfig):
@@ -37,6 +40,11 @@ class MoHConfig(PreTrainedConfig):
         head_fallback (`bool`):
             If True, a head a token did not select outputs a stored constant (`moh.head_fallback`, its mean output
             on calibration text) instead of zero; it costs no attention compute and keeps the layer's output mean.
+        attention_path (`str`):
+            `"sparse"` (default): at inference the attention of a head is computed only for the tokens that selected
+            it. `"masked"`: every head is computed and multiplied by its gate, as in training (the reference path).
+            Same results either way (up to float rounding); change it on a loaded model with
+            `model.set_attention_path(...)`.
         source_model_type (`str`):
             `model_type` of the source architecture (kept for humans and tools; `text_config` is authoritative).
     """
@@ -53,6 +61,7 @@ class MoHConfig(PreTrainedConfig):
     load_balance_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     head_fallback: bool = False
+    attention_path: str = "sparse"
     source_model_type: str | None = None
     tie_word_embeddings: bool = False
 
@@ -92,6 +101,10 @@ class MoHConfig(PreTrainedConfig):
         """Raise ValueError with the fix when the head split cannot work."""
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.attention_path not in ATTENTION_PATHS:
+            raise ValueError(
+                f"attention_path must be one of {', '.join(ATTENTION_PATHS)}, got {self.attention_path!r}"
+            )
         if self.gate_mode not in GATE_MODES:
             raise ValueError(f"gate_mode must be one of {', '.join(GATE_MODES)}, got {self.gate_mode!r}")
         if self.gate_mode == "two-stage" and self.router != "learned":

@@ -9,13 +9,27 @@
 #   * `self_attn.router`: scores the routed heads of every token (from the block input or from the queries);
 #   * a forward pre-hook on `o_proj` that multiplies each head's slice of o_proj's input by its gate.
 # Gating happens after the attention kernel, so eager, sdpa and flash attention all keep working.
+#
+# Two ways to compute the gated attention (`config.attention_path`):
+#   * "masked": the source attention kernel computes every head; the o_proj pre-hook zeroes unselected heads. Used in
+#     training (the straight-through gradient needs every head) and as the reference.
+#   * "sparse" (default at inference): the attention kernel is swapped, through transformers' AttentionInterface
+#     registry, for `moh_attention_forward`. It routes first (the router's inputs were kept by the hooks above),
+#     then computes shared heads for all tokens and each routed head only for the tokens that selected it, so scores
+#     and values of unselected (token, head) pairs are never computed. The family's own forward still does the
+#     projections, q/k norms, rotary embeddings and the KV cache, so every supported family works unchanged.
+import sys
+
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from torch.nn import functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .configuration_moh import MoHConfig
+from .configuration_moh import ATTENTION_PATHS, MoHConfig
 
 
 class QueryNormRouter(nn.Module):
@@ -87,6 +101,8 @@ class MoHHeadRouting(nn.Module):
         # Filled by hooks during one attention forward, consumed by the o_proj pre-hook.
         self.pending_hidden_states: torch.Tensor | None = None
         self.pending_queries: torch.Tensor | None = None
+        # (gates, routed_mask) when the sparse attention kernel has routed already (it must know the heads first).
+        self.pending_routing: tuple[torch.Tensor, torch.Tensor] | None = None
         self._index_cache: dict = {}
 
     def _head_index(self, which: str, device: torch.device) -> torch.Tensor:
@@ -130,17 +146,62 @@ class MoHHeadRouting(nn.Module):
         gates = gates.index_copy(-1, shared_index, shared_gates)
         return gates, routed_mask
 
-    def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
-        """attn_output: o_proj's input [batch, seq, num_heads * head_dim]; returns it with each head scaled."""
+    def route_pending_inputs(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route with the block input and queries the hooks kept during this attention forward."""
         hidden_states, queries = self.pending_hidden_states, self.pending_queries
         self.pending_hidden_states = self.pending_queries = None
+        if queries is not None:
+            queries = queries.view(batch, seq, self.num_heads, -1)
+        return self.head_gates(hidden_states, queries)
+
+    def can_skip_heads(self, query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+        """Whether the sparse kernel may run for this attention call (else the source kernel computes every head).
+        Training needs every head (straight-through gradient); one query token (decoding) is cheapest as one dense
+        kernel call over all heads, the masked path; paged caches and attention-weight outputs are the source
+        kernel's business."""
+        return (
+            not self.training
+            and not self.is_dense
+            and dropout == 0.0
+            and query.shape[2] > 1
+            and kwargs.get("cache") is None
+            and not kwargs.get("output_attentions", False)
+            and self.pending_hidden_states is not None
+        )
+
+    def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[list, list]:
+        """Shared heads as [(kv_head, query heads)], routed heads as [(kv_head, positions among routed, query heads)]:
+        query heads that read the same key/value head (GQA) are computed together."""
+        key = ("kv-layout", group_size, device)
+        if key not in self._index_cache:
+            shared, routed = [], []
+            for kv_head in range(self.num_heads // group_size):
+                heads = [head for head in self.shared_heads if head // group_size == kv_head]
+                if heads:
+                    shared.append((kv_head, torch.tensor(heads, device=device)))
+                positions = [i for i, head in enumerate(self.routed_heads) if head // group_size == kv_head]
+                if positions:
+                    routed_heads = [self.routed_heads[i] for i in positions]
+                    routed.append((kv_head, torch.tensor(positions, device=device), torch.tensor(routed_heads, device=device)))
+            self._index_cache[key] = (shared, routed)
+        return self._index_cache[key]
+
+    def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """attn_output: o_proj's input [batch, seq, num_heads * head_dim]; returns it with each head scaled."""
+        routed_by_sparse_kernel = self.pending_routing
+        self.pending_routing = None
         if self.is_dense and not self.record_routing:
+            self.pending_hidden_states = self.pending_queries = None
             return attn_output
         batch, seq = attn_output.shape[:2]
         per_head = attn_output.view(batch, seq, self.num_heads, -1)
-        if queries is not None:
-            queries = queries.view(batch, seq, self.num_heads, -1)
-        gates, routed_mask = self.head_gates(hidden_states, queries)
+        if routed_by_sparse_kernel is not None:
+            gates, routed_mask = routed_by_sparse_kernel
+            # The kernel left unselected (token, head) pairs at zero and binary gates are 1 elsewhere: nothing to do.
+            if self.gate_mode == "binary" and self.head_fallback is None:
+                return attn_output
+        else:
+            gates, routed_mask = self.route_pending_inputs(batch, seq)
         if self.is_dense:  # recording statistics only: leave the output bit-exact
             return attn_output
         gated = per_head * gates.unsqueeze(-1).to(per_head.dtype)
@@ -151,6 +212,150 @@ class MoHHeadRouting(nn.Module):
             fallback = skipped * self.head_fallback.index_select(0, routed_index).to(per_head.dtype)
             gated = gated.index_add(2, routed_index, fallback)
         return gated.view_as(attn_output)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head-sparse attention kernel ("sparse" attention path)
+# ----------------------------------------------------------------------------------------------------------------
+
+# A model whose text_config._attn_implementation is "moh_sparse_<base>" runs `moh_attention_forward`, with the
+# attention masks of <base> ("sdpa": boolean or None, "eager": additive float). Flash-attention bases keep the masked
+# path: their masks are not per-query matrices the sparse kernel could cut rows from.
+SPARSE_ATTENTION_PREFIX = "moh_sparse_"
+SPARSE_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+# Query positions per block of a routed head. A block's selected queries attend keys up to the block's end, so
+# causality costs at most one block of wasted scores per query; larger blocks mean fewer kernel calls.
+ROUTED_QUERY_BLOCK = 256
+
+
+def base_attention_function(module: nn.Module):
+    """The attention kernel the source model would use: sdpa from the registry, or the family's own eager function
+    (gemma2's applies logit soft-capping)."""
+    name = module.config._attn_implementation.removeprefix(SPARSE_ATTENTION_PREFIX)
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def attend(query, key, value, mask, is_causal, scaling, softcap):
+    """Attention of query heads that share one key/value head. query [b, n, q, d]; key, value [b, 1, kv, d]; mask
+    None, boolean (True = attend) or additive float, broadcastable to [b, n, q, kv]. Returns [b, n, q, d]."""
+    if is_causal and key.shape[2] > query.shape[2]:
+        # No mask and more keys than queries: an empty static cache's unused slots (sdpa's upper-left convention).
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] > 1
+        )
+    # Logit soft-capping (gemma2) has no SDPA kernel: the eager computation, as the family's own eager function.
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    min_value = torch.finfo(scores.dtype).min
+    if is_causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, min_value)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, min_value) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value)
+
+
+def routed_block_mask(attention_mask, batch_row, tokens, block_end, dtype):
+    """Mask [m, hi - lo] for the selected query `tokens` of one block, and the key range [lo, hi) it covers.
+    Without a model mask (sdpa, no padding) the keys are the causal prefix and the mask is built from positions;
+    otherwise its rows are cut from the model's mask (padding, sliding window and cache offsets are all in it) and
+    the key range shrinks to the columns any row may attend."""
+    min_value = torch.finfo(dtype).min
+    if attention_mask is None:
+        allowed = torch.arange(block_end, device=tokens.device)[None, :] <= tokens[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill_(~allowed, min_value), 0, block_end
+    rows = attention_mask[batch_row, 0].index_select(0, tokens)  # [m, kv]
+    allowed = rows if rows.dtype == torch.bool else rows > min_value / 2
+    if not allowed.any(dim=1).all():
+        # A query that attends nothing (left padding): keep every key and the model's own mask, so the kernel does
+        # what the source kernel does with such a row (sdpa: zeros; eager: uniform weights).
+        return rows, 0, rows.shape[1]
+    columns = allowed.any(dim=0).nonzero()
+    lo, hi = columns[0, 0].item(), columns[-1, 0].item() + 1
+    if rows.dtype == torch.bool:  # additive, as SDPA converts boolean masks anyway
+        return torch.zeros((rows.shape[0], hi - lo), dtype=dtype, device=rows.device).masked_fill_(
+            ~rows[:, lo:hi], min_value
+        ), lo, hi
+    return rows[:, lo:hi], lo, hi
+
+
+def head_sparse_attention(routing, query, key, value, attention_mask, scaling, softcap, routed_mask):
+    """Attention of the shared heads for every token and of each routed head for the tokens that selected it.
+
+    query [b, heads, q, d]; key, value [b, kv_heads, kv, d] (after the cache update); routed_mask [b, q, routed]
+    (1 where selected). Returns [b, q, heads, d] with zeros for unselected (token, head) pairs.
+    Routed heads use a "varying number of queries per head" layout: per batch row and key/value head, the selected
+    (token, head) pairs of all routed heads reading that key/value head are gathered as query rows (sorted by
+    position), cut into blocks of ROUTED_QUERY_BLOCK positions, and each block attends the keys up to its end with
+    a mask built from positions (or cut from the model's mask). One kernel call per block."""
+    batch, num_heads, q_len, head_dim = query.shape
+    group_size = num_heads // key.shape[1]
+    output = query.new_zeros(batch, q_len, num_heads, head_dim)
+    shared_layout, routed_layout = routing.heads_by_key_value_head(group_size, query.device)
+    # sdpa's convention: no mask means plain causal attention (several queries) or every key (one query).
+    is_causal = attention_mask is None and q_len > 1
+
+    for kv_head, heads in shared_layout:
+        kv = slice(kv_head, kv_head + 1)
+        shared_output = attend(
+            query.index_select(1, heads), key[:, kv], value[:, kv], attention_mask, is_causal, scaling, softcap
+        )
+        output[:, :, heads] = shared_output.transpose(1, 2)
+
+    selected = routed_mask.bool()
+    block_starts = torch.arange(0, q_len + ROUTED_QUERY_BLOCK, ROUTED_QUERY_BLOCK, device=query.device)
+    for kv_head, positions, heads in routed_layout:
+        for batch_row in range(batch):
+            pairs = selected[batch_row].index_select(1, positions).nonzero()  # [m, 2]: (token, j), sorted by token
+            if pairs.numel() == 0:
+                continue
+            tokens, pair_heads = pairs[:, 0], heads[pairs[:, 1]]
+            rows = query[batch_row, pair_heads, tokens]  # [m, d]
+            bounds = torch.searchsorted(tokens, block_starts).tolist()
+            for block, (first, last) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if first == last:
+                    continue
+                block_tokens = tokens[first:last]
+                block_end = min((block + 1) * ROUTED_QUERY_BLOCK, q_len)
+                block_mask, lo, hi = routed_block_mask(attention_mask, batch_row, block_tokens, block_end, query.dtype)
+                block_output = attend(
+                    rows[first:last][None, None],
+                    key[batch_row : batch_row + 1, kv_head : kv_head + 1, lo:hi],
+                    value[batch_row : batch_row + 1, kv_head : kv_head + 1, lo:hi],
+                    block_mask[None, None], False, scaling, softcap,
+                )
+                output[batch_row, block_tokens, pair_heads[first:last]] = block_output[0, 0]
+    return output
+
+
+def moh_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function registered as "moh_sparse_sdpa" / "moh_sparse_eager" (same signature as
+    transformers' attention functions). Routes first, then computes only the selected (token, head) pairs; falls
+    back to the source kernel (masked path) where skipping heads is not possible or not cheaper."""
+    routing = getattr(module, "moh", None)
+    if routing is None or not routing.can_skip_heads(query, dropout, kwargs):
+        return base_attention_function(module)(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, _, q_len, head_dim = query.shape
+    gates, routed_mask = routing.route_pending_inputs(batch, q_len)
+    routing.pending_routing = (gates, routed_mask)
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    output = head_sparse_attention(
+        routing, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask
+    )
+    return output, None
+
+
+for _base in SPARSE_BASE_IMPLEMENTATIONS:
+    # New names only: no existing attention function or mask is changed for other models.
+    AttentionInterface.register(SPARSE_ATTENTION_PREFIX + _base, moh_attention_forward)
+    AttentionMaskInterface.register(SPARSE_ATTENTION_PREFIX + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
 
 
 def _query_projection(attention: nn.Module) -> tuple[nn.Module, bool]:
@@ -233,7 +438,32 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         self.head_routing = [
             attach_head_routing(layer.self_attn, config, layer_idx) for layer_idx, layer in enumerate(self.model.layers)
         ]
+        self.set_attention_path(config.attention_path)
         self.post_init()
+
+    def set_attention_path(self, attention_path: str):
+        """Choose how gated attention is computed at inference: "sparse" (only selected (token, head) pairs) or
+        "masked" (every head, then gates; the reference). Training always runs the masked path. The sparse kernel is
+        installed as text_config's attention implementation "moh_sparse_<base>" when the base kernel is sdpa or
+        eager and some layer routes heads; otherwise the base kernel stays (the masked path)."""
+        if attention_path not in ATTENTION_PATHS:
+            raise ValueError(f"attention_path must be one of {', '.join(ATTENTION_PATHS)}, got {attention_path!r}")
+        self.config.attention_path = attention_path
+        text_config = self.config.text_config
+        base = (text_config._attn_implementation or "eager").removeprefix(SPARSE_ATTENTION_PREFIX)
+        use_sparse = (
+            attention_path == "sparse"
+            and base in SPARSE_BASE_IMPLEMENTATIONS
+            and not all(routing.is_dense for routing in self.head_routing)
+        )
+        # The internal attribute, not the setter: only the source model's config changes; `config._attn_implementation`
+        # keeps naming the base kernel the user asked for.
+        text_config._attn_implementation_internal = SPARSE_ATTENTION_PREFIX + base if use_sparse else base
+        return self
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self.set_attention_path(self.config.attention_path)
 
     def _init_weights(self, module):
         if isinstance(module, RouterProjection):

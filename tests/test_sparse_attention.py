@@ -1,0 +1,191 @@
+"""The head-sparse attention path (config.attention_path = "sparse") against the masked reference path: same logits on
+every supported family, with padding, batches, the KV cache (chunked prefill and token-by-token decoding), sliding
+windows and soft-capping; and it really computes only the selected (token, head) pairs."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import moh_convert
+from moh_convert import MoHConfig
+from moh_convert.modeling import modeling_moh
+from moh_convert.modeling.modeling_moh import MoHForCausalLM
+
+from .conftest import TINY_FAMILIES
+
+NUM_HEADS = 4
+SEQ = 20
+# Small blocks so that 20 tokens span several blocks of routed queries (the real default is 256 positions).
+TEST_BLOCK = 4
+
+
+@pytest.fixture(autouse=True)
+def small_query_blocks(monkeypatch):
+    monkeypatch.setattr(modeling_moh, "ROUTED_QUERY_BLOCK", TEST_BLOCK)
+
+
+@pytest.fixture(scope="module")
+def converted_half_heads(tiny_checkpoints, tmp_path_factory):
+    """2 of 4 heads per token: 1 shared + top-1 of 3 routed, query-norm router (the paper's conversion)."""
+    root = tmp_path_factory.mktemp("sparse-half-heads")
+    return {
+        model_type: moh_convert.convert(folder, root / model_type, active_heads=2, shared_heads=1)
+        for model_type, folder in tiny_checkpoints.items()
+    }
+
+
+def padded_batch(seq=SEQ):
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, 128, (2, seq), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0  # left padding on the second row
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+class CountQueryRows:
+    """Wraps the sparse kernel's `attend` and counts the (token, head) query rows it computes."""
+
+    def __init__(self, monkeypatch):
+        self.rows = 0
+        original = modeling_moh.attend
+
+        def counting_attend(query, *args):
+            self.rows += query.shape[0] * query.shape[1] * query.shape[2]
+            return original(query, *args)
+
+        monkeypatch.setattr(modeling_moh, "attend", counting_attend)
+
+
+def logits(model, attention_path, **inputs):
+    model.set_attention_path(attention_path)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("model_type", list(TINY_FAMILIES))
+def test_sparse_matches_masked_and_skips_unselected_heads(model_type, converted_half_heads, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(converted_half_heads[model_type]).eval()
+    base = "eager" if model_type == "gemma2" else "sdpa"  # gemma2 needs soft-capping: eager only
+    assert model.config.attention_path == "sparse"
+    assert model.config.text_config._attn_implementation == f"moh_sparse_{base}"
+    input_ids, attention_mask, position_ids = padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    masked = logits(model, "masked", **inputs)
+    assert model.config.text_config._attn_implementation == base
+    counter = CountQueryRows(monkeypatch)
+    sparse = logits(model, "sparse", **inputs)
+    torch.testing.assert_close(sparse, masked, atol=1e-4, rtol=0)
+
+    # Each token ran its 1 shared + 1 selected head in every layer: half the query rows of the masked path.
+    active_per_token = 2
+    assert counter.rows == model.config.num_layers * input_ids.numel() * active_per_token
+
+
+@pytest.mark.parametrize("model_type", list(TINY_FAMILIES))
+def test_sparse_with_kv_cache_matches_masked_full_forward(model_type, converted_half_heads):
+    """Prefill 12 tokens, then a 4-token chunk with the cache (the sparse kernel with a cache offset), then 4 single
+    tokens (decoding); every step's logits must equal one masked forward over the whole padded batch."""
+    from transformers import DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(converted_half_heads[model_type]).eval()
+    input_ids, attention_mask, position_ids = padded_batch()
+    reference = logits(model, "masked", input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    model.set_attention_path("sparse")
+    cache = DynamicCache(config=model.config.text_config)
+    steps = [(0, 12), (12, 16)] + [(t, t + 1) for t in range(16, SEQ)]
+    with torch.no_grad():
+        for start, end in steps:
+            step_logits = model(
+                input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                position_ids=position_ids[:, start:end], past_key_values=cache, use_cache=True,
+            ).logits
+            # Real tokens only: what a padding query outputs depends on how many keys there are (eager spreads it
+            # uniformly over all of them), so a 12-token prefill and a 20-token forward differ there on any path.
+            real = attention_mask[:, start:end].bool()
+            torch.testing.assert_close(step_logits[real], reference[:, start:end][real], atol=1e-4, rtol=0)
+
+    # generate() end to end: same greedy tokens on both paths.
+    generated = {}
+    for path in ("sparse", "masked"):
+        model.set_attention_path(path)
+        with torch.no_grad():
+            generated[path] = model.generate(
+                input_ids=input_ids[:, :12], attention_mask=attention_mask[:, :12], max_new_tokens=5,
+                do_sample=False, pad_token_id=0,
+            )
+    assert torch.equal(generated["sparse"], generated["masked"])
+
+
+def calibrated_like_model(tiny_checkpoints, gate_mode):
+    """What calibration produces (per-layer shared heads and top-K, learned router, head fallback), with random
+    router weights so that tokens pick different heads."""
+    source_config = AutoConfig.from_pretrained(tiny_checkpoints["llama"])
+    router = "query-norm" if gate_mode == "binary-query-norm" else "learned"
+    config = MoHConfig(
+        text_config=source_config.to_dict(), shared_heads=[[3, 1], [2]], routed_top_k=[1, 2], router=router,
+        gate_mode=gate_mode.removesuffix("-query-norm"), head_fallback=True,
+    )
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    model = MoHForCausalLM(config).eval()
+    model.load_state_dict(dense.state_dict(), strict=False)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".moh." in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("gate_mode", ["binary", "softmax", "two-stage", "binary-query-norm"])
+def test_sparse_matches_masked_for_calibrated_routing(gate_mode, tiny_checkpoints):
+    model = calibrated_like_model(tiny_checkpoints, gate_mode)
+    input_ids, attention_mask, position_ids = padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    torch.testing.assert_close(logits(model, "sparse", **inputs), logits(model, "masked", **inputs), atol=1e-4, rtol=0)
+
+
+def test_training_and_recording_statistics(tiny_checkpoints, converted_half_heads, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(converted_half_heads["llama"])
+    input_ids, attention_mask, _ = padded_batch()
+    counter = CountQueryRows(monkeypatch)
+
+    # Training runs the masked path (every head, straight-through gradient) even with attention_path "sparse".
+    model.train()
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+    assert counter.rows == 0
+
+    # Routing statistics are recorded on the sparse path too, and equal the masked path's.
+    model.eval()
+    recorded = {}
+    for path in ("masked", "sparse"):
+        for routing in model.head_routing:
+            routing.record_routing = True
+        logits(model, path, input_ids=input_ids, attention_mask=attention_mask)
+        recorded[path] = [(r.last_router_probs, r.last_routed_mask) for r in model.head_routing]
+    assert counter.rows > 0
+    for (probs_masked, mask_masked), (probs_sparse, mask_sparse) in zip(recorded["masked"], recorded["sparse"]):
+        torch.testing.assert_close(probs_sparse, probs_masked, atol=1e-5, rtol=0)
+        assert torch.equal(mask_sparse, mask_masked)
+
+
+def test_attention_path_switches(tiny_checkpoints, converted_half_heads, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(converted_half_heads["llama"], attn_implementation="eager")
+    assert model.config.text_config._attn_implementation == "moh_sparse_eager"
+    model.set_attn_implementation("sdpa")  # changing the base kernel keeps the sparse path on top of it
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "moh_sparse_sdpa"
+
+    model.set_attention_path("masked")
+    model.save_pretrained(tmp_path / "masked")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "masked")
+    assert reloaded.config.attention_path == "masked"
+    assert reloaded.config.text_config._attn_implementation == "sdpa"
+
+    with pytest.raises(ValueError, match="attention_path must be one of sparse, masked, got 'fast'"):
+        model.set_attention_path("fast")
+
+    # All heads active with binary gates is the source model: nothing to skip, the source kernel stays.
+    all_heads = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "all", active_heads=NUM_HEADS, shared_heads=1)
+    assert AutoModelForCausalLM.from_pretrained(all_heads).config.text_config._attn_implementation == "sdpa"
