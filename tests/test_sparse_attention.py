@@ -14,13 +14,13 @@ from .conftest import TINY_FAMILIES
 
 NUM_HEADS = 4
 SEQ = 20
-# Small blocks so that 20 tokens span several blocks of routed queries (the real default is 256 positions).
+# Small blocks so that 20 tokens span several blocks of routed queries (the real minimum is 64 positions).
 TEST_BLOCK = 4
 
 
 @pytest.fixture(autouse=True)
 def small_query_blocks(monkeypatch):
-    monkeypatch.setattr(modeling_moh, "ROUTED_QUERY_BLOCK", TEST_BLOCK)
+    monkeypatch.setattr(modeling_moh, "MIN_ROUTED_QUERY_BLOCK", TEST_BLOCK)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,10 @@ def test_sparse_matches_masked_and_skips_unselected_heads(model_type, converted_
     # Each token ran its 1 shared + 1 selected head in every layer: half the query rows of the masked path.
     active_per_token = 2
     assert counter.rows == model.config.num_layers * input_ids.numel() * active_per_token
+
+    # No padding: sdpa gets no mask at all (plain causal), the kernel builds causal masks from positions.
+    unpadded = dict(input_ids=input_ids)
+    torch.testing.assert_close(logits(model, "sparse", **unpadded), logits(model, "masked", **unpadded), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", list(TINY_FAMILIES))
