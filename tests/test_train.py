@@ -183,6 +183,21 @@ def test_lora_on_o_proj_sees_the_gated_heads(tiny_moh):
     assert not torch.allclose(unmoved, merged, atol=1e-3)  # without the move, training sees another model
 
 
+def test_gradient_checkpointing_trains_the_same(tiny_moh, tmp_path):
+    """Routing losses use router probabilities recorded inside checkpointed layers: with non-reentrant checkpointing
+    their gradients still flow, so the run is the same as without checkpointing."""
+    runs = {}
+    for checkpointing in (False, True):
+        output_dir = tmp_path / f"checkpointing-{checkpointing}"
+        moh_train.train(tiny_recipe(tiny_moh["learned"], tiny_moh["text"], output_dir, max_steps=3, eval_windows=0,
+                                    gradient_checkpointing=checkpointing))
+        runs[checkpointing] = read_metrics(output_dir)
+    for plain, recomputed in zip(runs[False], runs[True]):
+        assert recomputed["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+        assert recomputed["load_balance_loss"] == pytest.approx(plain["load_balance_loss"], rel=1e-6)
+    assert runs[False][-1]["load_balance_loss"] != runs[False][0]["load_balance_loss"]  # the routers did train
+
+
 # ------------------------------------------------------------------------------------------- kill + resume
 
 KILL_AFTER_FIRST_CHECKPOINT = r"""
@@ -339,8 +354,8 @@ def test_two_process_ddp_matches_one_process_on_smollm2(smollm2_moh_6of9, tmp_pa
     text.write_text(wikitext.read_text()[:20000] if wikitext.is_file() else synthetic_text(4000))
     recipe = {
         "model": str(smollm2_moh_6of9), "output_dir": "run", "data": {"path": str(text)}, "seq_len": 32,
-        "max_steps": 2, "global_batch_tokens": 128, "micro_batch_size": 1, "learning_rate": 1e-4,
-        "final_learning_rate": 1e-5, "eval_windows": 0,
+        "max_steps": 2, "global_batch_tokens": 64, "micro_batch_size": 1, "learning_rate": 1e-4,
+        "final_learning_rate": 1e-5, "eval_windows": 2, "eval_every": 2,
     }
     recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
     env = child_env(tmp_path)
@@ -361,4 +376,6 @@ def test_two_process_ddp_matches_one_process_on_smollm2(smollm2_moh_6of9, tmp_pa
         assert b["lr"] == a["lr"] and b["sequences_consumed"] == a["sequences_consumed"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["load_balance_loss"] == pytest.approx(a["load_balance_loss"], rel=1e-5, abs=1e-6)
+    # held-out perplexity, computed by the two processes on one window each, matches too
+    assert two[-1]["heldout_perplexity"] == pytest.approx(one[-1]["heldout_perplexity"], rel=1e-5)
     assert one[1]["loss"] != one[0]["loss"]  # the first step did train
