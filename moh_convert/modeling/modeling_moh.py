@@ -108,8 +108,12 @@ class MoHHeadRouting(nn.Module):
     def _head_index(self, which: str, device: torch.device) -> torch.Tensor:
         key = (which, device)
         if key not in self._index_cache:
-            heads = self.shared_heads if which == "shared" else self.routed_heads
-            self._index_cache[key] = torch.tensor(heads, dtype=torch.long, device=device)
+            if which == "shared-ones":  # float32 [num_heads]: 1 at shared heads, 0 at routed heads
+                ones = torch.zeros(self.num_heads, device=device)
+                self._index_cache[key] = ones.index_fill_(0, self._head_index("shared", device), 1.0)
+            else:
+                heads = self.shared_heads if which == "shared" else self.routed_heads
+                self._index_cache[key] = torch.tensor(heads, dtype=torch.long, device=device)
         return self._index_cache[key]
 
     def head_gates(self, hidden_states: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
@@ -122,6 +126,16 @@ class MoHHeadRouting(nn.Module):
 
         top_k_index = probs.topk(self.routed_top_k, dim=-1).indices
         routed_mask = torch.zeros_like(probs).scatter_(-1, top_k_index, 1.0)
+
+        if self.record_routing or self.training:
+            self.last_router_probs = probs
+            self.last_routed_mask = routed_mask
+        if self.gate_mode == "binary" and not self.training:
+            # Inference with 0/1 gates: copy the routed mask into a cached row of shared-head ones (fewer small ops
+            # per token matters when decoding).
+            shared_ones = self._head_index("shared-ones", hidden_states.device)
+            gates = shared_ones.expand(*probs.shape[:-1], self.num_heads).index_copy(-1, routed_index, routed_mask)
+            return gates, routed_mask
 
         if self.gate_mode == "binary":
             # Straight-through estimator: forward value is the 0/1 mask, gradient is the soft score's.
@@ -138,9 +152,6 @@ class MoHHeadRouting(nn.Module):
             shared_probs = self.router.shared_proj(hidden_states).float().softmax(dim=-1)
             shared_gates = shared_probs * len(self.shared_heads) * stage[..., 0:1]
 
-        if self.record_routing or self.training:
-            self.last_router_probs = probs
-            self.last_routed_mask = routed_mask
         gates = probs.new_zeros(*probs.shape[:-1], self.num_heads)
         gates = gates.index_copy(-1, routed_index, routed_gates)
         gates = gates.index_copy(-1, shared_index, shared_gates)

@@ -1,0 +1,400 @@
+#!/usr/bin/env python
+"""Benchmark the head-sparse attention path against the dense source model, in one run:
+
+    python benchmarks/sparse_attention.py [--model FOLDER] [--lengths 512 2048 4096] [--repeats 3] [--skip-1b]
+
+For SmolLM2-135M-Instruct (default: demo-output/smollm2-135m-instruct) converted at 6/9 heads (the default
+`moh_convert.convert(source, out, active_heads=6)`: query-norm router) and 9/9 heads, the calibrated 6/9 model of the
+demo when present (learned router), and a random LLaMA-architecture model of about 1B parameters at 24/32 heads:
+prefill latency, decode tokens/s with the KV cache, one training step (the masked path), and the extra memory of a
+prefill. Dense and MoH runs are interleaved and medians taken (the machine is shared). The ideal MoH time is the dense
+time with only the attention kernel's share scaled by active/all heads; that share is measured in the same run by
+timing the dense model's attention kernel calls. Writes the `sparse_attention` section of BENCHMARKS.md.
+"""
+import argparse
+import gc
+import os
+
+# The machine this runs on is usually shared. With OpenMP's default spinning wait policy, an oversubscribed machine
+# turns every parallel op into a wait for a descheduled thread (measured here: a 1024-token SmolLM2 prefill took 17 s
+# instead of 5 s), which measures the scheduler rather than the kernels. PASSIVE (threads sleep) is applied to
+# dense and MoH runs alike; set OMP_WAIT_POLICY yourself to override. Must be set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import moh_convert  # noqa: E402
+from transformers import AutoModelForCausalLM, AttentionInterface, AttentionMaskInterface, LlamaConfig  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import sdpa_mask  # noqa: E402
+
+SECTION_START = "<!-- sparse_attention:start -->"
+SECTION_END = "<!-- sparse_attention:end -->"
+MB = 1_000_000
+# About 1B parameters with the brief's shape: 16 layers, hidden 2048, 32 query heads sharing 8 KV heads.
+BIG_CONFIG = dict(
+    hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=32000, max_position_embeddings=8192,
+)
+BIG_ACTIVE_HEADS = 24  # 75%
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring tools
+# ----------------------------------------------------------------------------------------------------------------
+
+def anonymous_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakExtraMemory:
+    """Peak RssAnon above its value at entry, sampled every 5 ms: the memory one call allocates (activations)."""
+
+    def __enter__(self):
+        self.start = self.peak = anonymous_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, anonymous_rss())
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        self.extra = max(self.peak, anonymous_rss()) - self.start
+
+
+# The dense model's attention kernel, timed: registered as its own implementation (sdpa's function and masks).
+ATTENTION_SECONDS = [0.0]
+
+
+def timed_sdpa(*args, **kwargs):
+    start = time.perf_counter()
+    result = sdpa_attention_forward(*args, **kwargs)
+    ATTENTION_SECONDS[0] += time.perf_counter() - start
+    return result
+
+
+AttentionInterface.register("timed_sdpa", timed_sdpa)
+AttentionMaskInterface.register("timed_sdpa", sdpa_mask)
+
+
+def random_ids(length: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def prefill_seconds(model, input_ids) -> tuple[float, int]:
+    """Wall time of one prefill and the extra memory it allocated."""
+    gc.collect()
+    with torch.no_grad(), PeakExtraMemory() as memory:
+        start = time.perf_counter()
+        model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+        seconds = time.perf_counter() - start
+    return seconds, memory.extra
+
+
+def attention_share(model, input_ids) -> float:
+    """Share of the dense model's prefill time spent in the attention kernel (QK^T, softmax, PV)."""
+    text_config = model.config
+    base = text_config._attn_implementation
+    text_config._attn_implementation_internal = "timed_sdpa"
+    try:
+        ATTENTION_SECONDS[0] = 0.0
+        total, _ = prefill_seconds(model, input_ids)
+        return ATTENTION_SECONDS[0] / total
+    finally:
+        text_config._attn_implementation_internal = base
+
+
+def decode_seconds_per_token(model, prompt, new_tokens: int) -> float:
+    """Greedy decoding with the KV cache after a prompt (the prefill is not timed)."""
+    with torch.no_grad():
+        output = model(input_ids=prompt, use_cache=True)
+        cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            output = model(input_ids=next_token, past_key_values=cache, use_cache=True)
+            cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) / new_tokens
+
+
+def train_step_seconds(model, input_ids) -> float:
+    """Forward + backward with labels in training mode (MoH: the masked path), no optimizer."""
+    model.train()
+    try:
+        start = time.perf_counter()
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        seconds = time.perf_counter() - start
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One dense model and its MoH conversions
+# ----------------------------------------------------------------------------------------------------------------
+
+def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_prompt, decode_tokens, train_length,
+                   vocab):
+    """variants: [(name, active heads, MoH model)]. Every repeat runs the dense model and every variant once per
+    measurement, in an order rotated each repeat (the dense runs serve all variants). Returns one result per variant
+    with medians."""
+    models = {"dense": dense, **{name: model for name, _, model in variants}}
+    for name, active, model in variants:
+        print(f"== {group} / {name}: {active}/{num_heads} heads, attention kernel "
+              f"{model.config.text_config._attn_implementation}", flush=True)
+    inputs = {length: random_ids(length, vocab, seed=length) for length in lengths}
+    prompt = random_ids(decode_prompt, vocab, seed=1)
+    train_ids = random_ids(train_length, vocab, seed=2)
+    runs = {key: {"prefill": {length: [] for length in lengths}, "memory": [], "decode": [], "train": []}
+            for key in models}
+
+    for model in models.values():  # warm-up of every code path, untimed
+        prefill_seconds(model, inputs[lengths[0]][:, :256])
+        decode_seconds_per_token(model, prompt[:, :64], 2)
+        train_step_seconds(model, train_ids[:, :64])
+    shares = {}
+    for length in lengths:  # the dense model's attention-kernel share, one timed dense prefill per length
+        shares[length] = attention_share(dense, inputs[length])
+        print(f"  attention kernel share of the dense prefill at {length} tokens: {shares[length]:.1%}", flush=True)
+
+    keys = list(models)
+    for repeat in range(repeats):
+        order = keys[repeat % len(keys):] + keys[: repeat % len(keys)]
+        for length in lengths:
+            for key in order:
+                seconds, extra = prefill_seconds(models[key], inputs[length])
+                runs[key]["prefill"][length].append(seconds)
+                if length == max(lengths):
+                    runs[key]["memory"].append(extra)
+            print(f"  [{repeat + 1}/{repeats}] prefill {length}: "
+                  + ", ".join(f"{key} {runs[key]['prefill'][length][-1]:.2f} s" for key in keys), flush=True)
+        for key in order:
+            runs[key]["decode"].append(decode_seconds_per_token(models[key], prompt, decode_tokens))
+        for key in order:
+            runs[key]["train"].append(train_step_seconds(models[key], train_ids))
+        print(f"  [{repeat + 1}/{repeats}] decode tok/s: "
+              + ", ".join(f"{key} {1 / runs[key]['decode'][-1]:.1f}" for key in keys)
+              + "; train step s: " + ", ".join(f"{key} {runs[key]['train'][-1]:.2f}" for key in keys), flush=True)
+
+    median = statistics.median
+    results = []
+    for name, active, _ in variants:
+        pair = ("dense", name)
+        results.append({
+            "name": f"{group}, {name}", "active": active, "num_heads": num_heads, "shares": shares,
+            "prefill": {length: {"dense": median(runs["dense"]["prefill"][length]),
+                                 "moh": median(runs[name]["prefill"][length])} for length in lengths},
+            "decode": {"dense": median(runs["dense"]["decode"]), "moh": median(runs[name]["decode"])},
+            "train": {"dense": median(runs["dense"]["train"]), "moh": median(runs[name]["train"])},
+            "memory": {"dense": max(runs["dense"]["memory"]), "moh": max(runs[name]["memory"])},
+            "memory_length": max(lengths), "pair": pair,
+        })
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+def load(folder, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+def build_big_source(folder: Path) -> int:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**BIG_CONFIG), dtype=torch.bfloat16)
+    model.save_pretrained(folder)  # bfloat16 on disk (2 GB), loaded as float32
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+def tables(results) -> str:
+    lines = [
+        "Prefill (one sequence, `logits_to_keep=1`, no cache), median seconds:",
+        "",
+        "| model | heads | tokens | dense [s] | MoH sparse [s] | MoH ÷ dense | attention share of dense | ideal ÷ dense "
+        "| MoH ÷ ideal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        fraction = result["active"] / result["num_heads"]
+        for length, times in result["prefill"].items():
+            share = result["shares"][length]
+            ideal = 1 - share + share * fraction
+            ratio = times["moh"] / times["dense"]
+            lines.append(
+                f"| {result['name']} | {result['active']}/{result['num_heads']} | {length} | {times['dense']:.2f} "
+                f"| {times['moh']:.2f} | {ratio:.3f} | {share:.1%} | {ideal:.3f} | {ratio / ideal:.3f} |"
+            )
+    lines += [
+        "",
+        "Decode with the KV cache, one training step (forward + backward, masked path) and prefill memory:",
+        "",
+        "| model | heads | decode dense [tok/s] | decode MoH [tok/s] | MoH time ÷ dense | train step dense [s] "
+        "| train step MoH [s] | MoH ÷ dense | prefill extra memory dense / MoH [MB] |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for result in results:
+        decode, train, memory = result["decode"], result["train"], result["memory"]
+        lines.append(
+            f"| {result['name']} | {result['active']}/{result['num_heads']} | {1 / decode['dense']:.1f} "
+            f"| {1 / decode['moh']:.1f} | {decode['moh'] / decode['dense']:.3f} | {train['dense']:.2f} "
+            f"| {train['moh']:.2f} | {train['moh'] / train['dense']:.3f} "
+            f"| {memory['dense'] / MB:.0f} / {memory['moh'] / MB:.0f} (at {result['memory_length']} tokens) |"
+        )
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    import transformers
+
+    return (f"nproc {os.cpu_count()}, torch {torch.__version__} with {torch.get_num_threads()} threads "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), transformers {transformers.__version__}, "
+            f"CPU \"{cpu}\", Python {platform.python_version()}; load average at the start "
+            f"{os.getloadavg()[0]:.1f} (shared with other jobs)")
+
+
+def markdown_section(command, machine, started, settings, table) -> str:
+    return "\n".join([
+        SECTION_START,
+        "## Head-sparse attention: speed against the dense model",
+        "",
+        f"- Command: `{command}` (from the repository root)",
+        f"- Date: {started}",
+        f"- Machine: {machine}",
+        f"- Settings: {settings}",
+        "- Method: dense and MoH models run alternately (order swapped every repeat) and the median of the repeats is "
+        "reported; the dense runs of one repeat serve every MoH model of the same source; everything is fp32, batch 1. MoH runs its default `attention_path=\"sparse\"` at inference (the "
+        "training step runs the masked path, as training always does). Prefill is one forward over random token ids "
+        "with `logits_to_keep=1`; decode is greedy one-token steps with the KV cache after a prompt (prompt not "
+        "timed); prefill extra memory is the peak of RssAnon above its value before the call (sampled every 5 ms, max over the repeats at the longest length).",
+        "- Ideal: the time the MoH model would take if only the attention kernel (QK^T, softmax, PV) shrank in "
+        "proportion to the active heads and nothing else changed: `ideal = dense × (1 − a + a × active/heads)`, where "
+        "`a` is the share of the dense prefill spent inside the attention kernel, measured in the same run by timing "
+        "every attention-kernel call of one dense prefill per length. `MoH ÷ ideal` above 1 is the overhead of the "
+        "sparse path (routing, gathering rows, per-block kernel calls); below 1 would mean a saving outside attention.",
+        "",
+        table,
+        SECTION_END,
+    ])
+
+
+def write_markdown_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if start != -1 and end > start:
+        text = text[:start] + section + text[end + len(SECTION_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=REPO_ROOT / "demo-output" / "smollm2-135m-instruct",
+                        help="dense SmolLM2-135M folder (default: demo-output/smollm2-135m-instruct)")
+    parser.add_argument("--calibrated", type=Path,
+                        default=REPO_ROOT / "demo-output" / "smollm2-135m-moh-6of9-calibrated",
+                        help="a calibrated (learned-router) MoH model of --model to include when the folder exists")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096], help="prefill lengths")
+    parser.add_argument("--big-lengths", type=int, nargs="+", default=None,
+                        help="prefill lengths for the ~1B model (default: --lengths)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per measurement (default 3)")
+    parser.add_argument("--big-repeats", type=int, default=None, help="repeats for the ~1B model (default --repeats)")
+    parser.add_argument("--decode-prompt", type=int, default=512, help="prompt tokens before timed decoding")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps")
+    parser.add_argument("--train-length", type=int, default=512, help="tokens of the training step")
+    parser.add_argument("--skip-1b", action="store_true", help="leave out the ~1B random LLaMA model")
+    parser.add_argument("--work-dir", type=Path, default=None, help="where converted models go (default: a temp dir)")
+    parser.add_argument("--markdown", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    command = shlex.join(["python", *sys.argv])
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = machine_description()
+    print(machine, flush=True)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="moh-sparse-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    common = dict(decode_prompt=args.decode_prompt, decode_tokens=args.decode_tokens, train_length=args.train_length)
+    results = []
+
+    dense = load(args.model, attn_implementation="sdpa")
+    num_heads, vocab = dense.config.num_attention_heads, dense.config.vocab_size
+    variants = []
+    for active in (6, 9):
+        out = work / f"smollm2-{active}of{num_heads}"
+        if not out.exists():
+            moh_convert.convert(args.model, out, active_heads=active)
+        variants.append((f"query-norm (`convert(source, out, active_heads={active})`)", active, load(out)))
+    if args.calibrated.is_dir():
+        calibrated = load(args.calibrated)
+        variants.append(("calibrated (learned router)", calibrated.config.active_heads(0), calibrated))
+    results += measure_models("SmolLM2-135M", dense, variants, num_heads, args.lengths, args.repeats, vocab=vocab,
+                              **common)
+    write_report(args, command, machine, started, results, "")  # kept if the ~1B part is interrupted
+    del dense, variants
+    gc.collect()
+
+    big_note = ""
+    if not args.skip_1b:
+        source = work / "llama-1b-source"
+        if not source.exists():
+            parameters = build_big_source(source)
+        else:
+            parameters = sum(p.numel() for p in load(source).parameters())
+        out = work / f"llama-1b-{BIG_ACTIVE_HEADS}of32"
+        if not out.exists():
+            moh_convert.convert(source, out, active_heads=BIG_ACTIVE_HEADS)
+        dense, moh = load(source, attn_implementation="sdpa"), load(out)
+        big_note = (f"; ~1B model: random `LlamaForCausalLM` {BIG_CONFIG}, {parameters:,} parameters (saved in "
+                    f"bfloat16, run in float32), converted with `convert(source, out, active_heads={BIG_ACTIVE_HEADS})` "
+                    "(query-norm router, 16 shared heads + top-8 of 16)")
+        results += measure_models(f"random LLaMA {parameters / 1e9:.2f}B", dense,
+                                  [("query-norm", BIG_ACTIVE_HEADS, moh)], 32, args.big_lengths or args.lengths,
+                                  args.big_repeats or args.repeats, vocab=BIG_CONFIG["vocab_size"], **common)
+
+    write_report(args, command, machine, started, results, big_note)
+
+
+def write_report(args, command, machine, started, results, big_note):
+    table = tables(results)
+    print("\n" + table)
+    settings = (f"{args.repeats} repeats (1B: {args.big_repeats or args.repeats}); decode {args.decode_tokens} "
+                f"tokens after a {args.decode_prompt}-token prompt; training step on {args.train_length} tokens"
+                + big_note)
+    write_markdown_section(args.markdown, markdown_section(command, machine, started, settings, table))
+    print(f"\nWrote the sparse_attention section of {args.markdown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
