@@ -87,9 +87,9 @@ ATTENTION_SECONDS = [0.0]
 
 
 def timed_sdpa(*args, **kwargs):
-    start = time.perf_counter()
+    start = time.process_time()
     result = sdpa_attention_forward(*args, **kwargs)
-    ATTENTION_SECONDS[0] += time.perf_counter() - start
+    ATTENTION_SECONDS[0] += time.process_time() - start
     return result
 
 
@@ -101,52 +101,62 @@ def random_ids(length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-def prefill_seconds(model, input_ids) -> tuple[float, int]:
-    """Wall time of one prefill and the extra memory it allocated."""
+class Clock:
+    """Wall time and this process's CPU time (all threads) of a block. On a machine shared with other jobs the CPU
+    time is the steadier measure of the work done: it does not count the time other processes held the cores."""
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+
+def prefill_seconds(model, input_ids) -> tuple[Clock, int]:
+    """Wall and CPU time of one prefill, and the extra memory it allocated."""
     gc.collect()
-    with torch.no_grad(), PeakExtraMemory() as memory:
-        start = time.perf_counter()
+    with torch.no_grad(), PeakExtraMemory() as memory, Clock() as clock:
         model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
-        seconds = time.perf_counter() - start
-    return seconds, memory.extra
+    return clock, memory.extra
 
 
 def attention_share(model, input_ids) -> float:
-    """Share of the dense model's prefill time spent in the attention kernel (QK^T, softmax, PV)."""
+    """Share of the dense model's prefill CPU time spent in the attention kernel (QK^T, softmax, PV)."""
     text_config = model.config
     base = text_config._attn_implementation
     text_config._attn_implementation_internal = "timed_sdpa"
     try:
         ATTENTION_SECONDS[0] = 0.0
         total, _ = prefill_seconds(model, input_ids)
-        return ATTENTION_SECONDS[0] / total
+        return ATTENTION_SECONDS[0] / total.cpu
     finally:
         text_config._attn_implementation_internal = base
 
 
-def decode_seconds_per_token(model, prompt, new_tokens: int) -> float:
-    """Greedy decoding with the KV cache after a prompt (the prefill is not timed)."""
+def decode_seconds_per_token(model, prompt, new_tokens: int) -> Clock:
+    """Greedy decoding with the KV cache after a prompt (the prefill is not timed); times are for all new tokens."""
     with torch.no_grad():
         output = model(input_ids=prompt, use_cache=True)
         cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            output = model(input_ids=next_token, past_key_values=cache, use_cache=True)
-            cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - start) / new_tokens
+        with Clock() as clock:
+            for _ in range(new_tokens):
+                output = model(input_ids=next_token, past_key_values=cache, use_cache=True)
+                cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    clock.wall, clock.cpu = clock.wall / new_tokens, clock.cpu / new_tokens
+    return clock
 
 
-def train_step_seconds(model, input_ids) -> float:
+def train_step_seconds(model, input_ids) -> Clock:
     """Forward + backward with labels in training mode (MoH: the masked path), no optimizer."""
     model.train()
     try:
-        start = time.perf_counter()
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        seconds = time.perf_counter() - start
+        with Clock() as clock:
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-    return seconds
+    return clock
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,32 +192,36 @@ def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_p
         order = keys[repeat % len(keys):] + keys[: repeat % len(keys)]
         for length in lengths:
             for key in order:
-                seconds, extra = prefill_seconds(models[key], inputs[length])
-                runs[key]["prefill"][length].append(seconds)
+                clock, extra = prefill_seconds(models[key], inputs[length])
+                runs[key]["prefill"][length].append(clock)
                 if length == max(lengths):
                     runs[key]["memory"].append(extra)
-            print(f"  [{repeat + 1}/{repeats}] prefill {length}: "
-                  + ", ".join(f"{key} {runs[key]['prefill'][length][-1]:.2f} s" for key in keys), flush=True)
+            print(f"  [{repeat + 1}/{repeats}] prefill {length} wall/CPU s: " + ", ".join(
+                f"{key} {runs[key]['prefill'][length][-1].wall:.2f}/{runs[key]['prefill'][length][-1].cpu:.2f}"
+                for key in keys), flush=True)
         for key in order:
             runs[key]["decode"].append(decode_seconds_per_token(models[key], prompt, decode_tokens))
         for key in order:
             runs[key]["train"].append(train_step_seconds(models[key], train_ids))
-        print(f"  [{repeat + 1}/{repeats}] decode tok/s: "
-              + ", ".join(f"{key} {1 / runs[key]['decode'][-1]:.1f}" for key in keys)
-              + "; train step s: " + ", ".join(f"{key} {runs[key]['train'][-1]:.2f}" for key in keys), flush=True)
+        print(f"  [{repeat + 1}/{repeats}] decode ms/token wall/CPU: "
+              + ", ".join(f"{key} {runs[key]['decode'][-1].wall * 1e3:.0f}/{runs[key]['decode'][-1].cpu * 1e3:.0f}"
+                          for key in keys)
+              + "; train step wall s: " + ", ".join(f"{key} {runs[key]['train'][-1].wall:.2f}" for key in keys),
+              flush=True)
 
-    median = statistics.median
+    def medians(clocks):
+        return {"wall": statistics.median(c.wall for c in clocks), "cpu": statistics.median(c.cpu for c in clocks)}
+
     results = []
     for name, active, _ in variants:
-        pair = ("dense", name)
         results.append({
             "name": f"{group}, {name}", "active": active, "num_heads": num_heads, "shares": shares,
-            "prefill": {length: {"dense": median(runs["dense"]["prefill"][length]),
-                                 "moh": median(runs[name]["prefill"][length])} for length in lengths},
-            "decode": {"dense": median(runs["dense"]["decode"]), "moh": median(runs[name]["decode"])},
-            "train": {"dense": median(runs["dense"]["train"]), "moh": median(runs[name]["train"])},
+            "prefill": {length: {"dense": medians(runs["dense"]["prefill"][length]),
+                                 "moh": medians(runs[name]["prefill"][length])} for length in lengths},
+            "decode": {"dense": medians(runs["dense"]["decode"]), "moh": medians(runs[name]["decode"])},
+            "train": {"dense": medians(runs["dense"]["train"]), "moh": medians(runs[name]["train"])},
             "memory": {"dense": max(runs["dense"]["memory"]), "moh": max(runs[name]["memory"])},
-            "memory_length": max(lengths), "pair": pair,
+            "memory_length": max(lengths),
         })
     return results
 
@@ -233,36 +247,41 @@ def build_big_source(folder: Path) -> int:
 
 def tables(results) -> str:
     lines = [
-        "Prefill (one sequence, `logits_to_keep=1`, no cache), median seconds:",
+        "Prefill (one sequence, `logits_to_keep=1`, no cache): medians; ratios are MoH ÷ dense, for wall time and for "
+        "the process's CPU time:",
         "",
-        "| model | heads | tokens | dense [s] | MoH sparse [s] | MoH ÷ dense | attention share of dense | ideal ÷ dense "
-        "| MoH ÷ ideal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | heads | tokens | dense wall [s] | MoH wall [s] | wall ratio | CPU-time ratio "
+        "| attention share of dense (CPU) | ideal ratio | wall ÷ ideal | CPU ÷ ideal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         fraction = result["active"] / result["num_heads"]
         for length, times in result["prefill"].items():
             share = result["shares"][length]
             ideal = 1 - share + share * fraction
-            ratio = times["moh"] / times["dense"]
+            wall = times["moh"]["wall"] / times["dense"]["wall"]
+            cpu = times["moh"]["cpu"] / times["dense"]["cpu"]
             lines.append(
-                f"| {result['name']} | {result['active']}/{result['num_heads']} | {length} | {times['dense']:.2f} "
-                f"| {times['moh']:.2f} | {ratio:.3f} | {share:.1%} | {ideal:.3f} | {ratio / ideal:.3f} |"
+                f"| {result['name']} | {result['active']}/{result['num_heads']} | {length} "
+                f"| {times['dense']['wall']:.2f} | {times['moh']['wall']:.2f} | {wall:.3f} | {cpu:.3f} | {share:.1%} "
+                f"| {ideal:.3f} | {wall / ideal:.3f} | {cpu / ideal:.3f} |"
             )
     lines += [
         "",
-        "Decode with the KV cache, one training step (forward + backward, masked path) and prefill memory:",
+        "Decode with the KV cache (ms per token, medians), one training step (forward + backward, masked path) and "
+        "prefill memory:",
         "",
-        "| model | heads | decode dense [tok/s] | decode MoH [tok/s] | MoH time ÷ dense | train step dense [s] "
-        "| train step MoH [s] | MoH ÷ dense | prefill extra memory dense / MoH [MB] |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model | heads | decode dense wall [ms] | decode MoH wall [ms] | decode wall ratio | decode CPU-time ratio "
+        "| train step dense [s] | train step MoH [s] | train wall ratio | prefill extra memory dense / MoH [MB] |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for result in results:
         decode, train, memory = result["decode"], result["train"], result["memory"]
         lines.append(
-            f"| {result['name']} | {result['active']}/{result['num_heads']} | {1 / decode['dense']:.1f} "
-            f"| {1 / decode['moh']:.1f} | {decode['moh'] / decode['dense']:.3f} | {train['dense']:.2f} "
-            f"| {train['moh']:.2f} | {train['moh'] / train['dense']:.3f} "
+            f"| {result['name']} | {result['active']}/{result['num_heads']} | {decode['dense']['wall'] * 1e3:.1f} "
+            f"| {decode['moh']['wall'] * 1e3:.1f} | {decode['moh']['wall'] / decode['dense']['wall']:.3f} "
+            f"| {decode['moh']['cpu'] / decode['dense']['cpu']:.3f} | {train['dense']['wall']:.2f} "
+            f"| {train['moh']['wall']:.2f} | {train['moh']['wall'] / train['dense']['wall']:.3f} "
             f"| {memory['dense'] / MB:.0f} / {memory['moh'] / MB:.0f} (at {result['memory_length']} tokens) |"
         )
     return "\n".join(lines)
@@ -296,8 +315,11 @@ def markdown_section(command, machine, started, settings, table) -> str:
         "- Ideal: the time the MoH model would take if only the attention kernel (QK^T, softmax, PV) shrank in "
         "proportion to the active heads and nothing else changed: `ideal = dense × (1 − a + a × active/heads)`, where "
         "`a` is the share of the dense prefill spent inside the attention kernel, measured in the same run by timing "
-        "every attention-kernel call of one dense prefill per length. `MoH ÷ ideal` above 1 is the overhead of the "
-        "sparse path (routing, gathering rows, per-block kernel calls); below 1 would mean a saving outside attention.",
+        "every attention-kernel call of one dense prefill per length (CPU time). `÷ ideal` above 1 is the overhead of the "
+        "sparse path (routing, gathering rows, per-block kernel calls, causal waste in the last block); below 1 is "
+        "measurement noise or a saving outside attention. CPU time is the process's own (both threads): the steadier "
+        "measure on a shared machine, since it leaves out the time other jobs held the cores; wall time is what a "
+        "user waits.",
         "",
         table,
         SECTION_END,
