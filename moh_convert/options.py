@@ -48,7 +48,9 @@ def add_options_to_parser(parser: argparse.ArgumentParser, model_cls: type[pydan
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            # On-by-default switches also get a --no-... form to turn them off.
+            action = argparse.BooleanOptionalAction if field.default is True else "store_true"
+            parser.add_argument(flag, dest=name, action=action, default=None, help=help_text)
             continue
         choices = _choices(field.annotation)
         if field.default is not None:

@@ -156,3 +156,64 @@ def test_mean_fallback_and_per_layer_shared_count(tiny_checkpoints, text_file, t
     report = json.loads((out / "calibration_report.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert perplexity(model, windows, progress=False) == pytest.approx(report["heldout_perplexity"]["after"], rel=2e-3)
+
+
+def source_tensors(folder) -> dict:
+    """Every tensor of the model's own shards (not the MoH router shard)."""
+    tensors = {}
+    for shard in folder.glob("model*.safetensors"):
+        if shard.name != "model-moh-routers.safetensors":
+            with safe_open(shard, framework="pt") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+def test_output_projection_refit_lowers_the_error_and_keeps_the_original_without_loss():
+    from moh_convert.calibrate import OUTPUT_RIDGE, refit_output_projection
+
+    torch.manual_seed(0)
+    dense = torch.randn(512, 32)
+    # Heads are correlated in real models: the skipped head (columns 8..15) is partly predictable from the others.
+    dense[:, 8:16] = dense[:, 0:8] @ torch.randn(8, 8) + 0.3 * torch.randn(512, 8)
+    weight = torch.randn(16, 32)
+    seen = dense.clone()
+    seen[:, 8:16] = 0.0  # the second of four 8-wide heads skipped
+    refitted = refit_output_projection(seen, dense, weight, OUTPUT_RIDGE)
+    assert refitted.shape == weight.shape and refitted.dtype == weight.dtype
+    error_before = (dense @ weight.T - seen @ weight.T).pow(2).sum()
+    error_after = (dense @ weight.T - seen @ refitted.T).pow(2).sum()
+    assert error_after < 0.9 * error_before
+    # Nothing skipped: the original projection is already the least-squares solution.
+    assert torch.allclose(refit_output_projection(dense, dense, weight, OUTPUT_RIDGE), weight, atol=1e-4)
+
+
+def test_refit_rewrites_only_o_proj_in_the_shards_and_keeps_dtypes(tiny_checkpoints, text_file, tmp_path):
+    source = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=2, shared_heads=1,
+                                 dtype="bfloat16")
+    before = source_tensors(source)
+    out = tmp_path / "calibrated"
+    calibrate(source, output=str(out), calibration_data=str(text_file), **SETTINGS)
+    after = source_tensors(out)
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype == torch.bfloat16 and after[name].shape == tensor.shape
+        changed = not torch.equal(after[name], tensor)
+        assert changed == name.endswith("self_attn.o_proj.weight"), name
+    # The input model (hard-linked into the staging copy) is untouched.
+    assert all(torch.equal(tensor, before[name]) for name, tensor in source_tensors(source).items())
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["output_projection_refit"] is True
+    windows = heldout_windows(out, text_file)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert perplexity(model, windows, progress=False) == pytest.approx(report["heldout_perplexity"]["after"], rel=2e-2)
+    # Its attention is no longer the source's: calibrating it again would fit to the wrong teacher.
+    with pytest.raises(MoHError, match=r"refitted output projections.*calibrate again from the source"):
+        calibrate(out, calibration_data=str(text_file), **SETTINGS)
+
+
+def test_without_refit_o_proj_is_the_sources(tiny_checkpoints, text_file, tmp_path):
+    out = converted(tiny_checkpoints, "llama", tmp_path / "moh")
+    original = source_tensors(out)
+    calibrate(out, calibration_data=str(text_file), refit_output_projection=False, **SETTINGS)
+    assert all(torch.equal(tensor, original[name]) for name, tensor in source_tensors(out).items())
+    assert json.loads((out / "calibration_report.json").read_text())["output_projection_refit"] is False
