@@ -16,7 +16,7 @@ Routing losses are computed here from what each MoH routing module records durin
 (`last_router_probs`, `last_routed_mask`), so the shipped modeling files stay inference code.
 """
 import argparse
-import contextlib
+import itertools
 import json
 import math
 import shutil
@@ -37,7 +37,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last in a checkpoint: its presence marks the checkpoint complete
 FINAL_MODEL_DIR = "model"
-TEXT_CHUNK_CHARS = 1 << 20  # .txt files are tokenized in pieces of about 1 MB, cut at line ends
+TEXT_CHUNK_CHARS = 1 << 16  # .txt files are tokenized in pieces of about 64 KB, cut at line ends
 MOA_LOAD_BALANCE_COEF = 0.01  # MoA (Zhang et al. 2022): switch-style load-balance loss ...
 MOA_Z_LOSS_COEF = 0.001  # ... and router z-loss
 MOH_LOAD_BALANCE_COEF = 0.01  # MoH paper: beta
@@ -360,20 +360,9 @@ def plan_training(recipe: TrainRecipe, num_processes: int, distributed_type: str
 # ================================================================================================ data
 
 
-def read_documents(source: DataSource) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces in a fixed order: .txt files in ~1 MB pieces cut at line ends (the file is one
-    document), JSONL records and dataset rows one document each."""
-    if source.dataset is not None:
-        import datasets
-
-        rows = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split,
-                                     streaming=source.streaming)
-        for row in rows:
-            if source.column not in row:
-                raise MoHError(f"recipe key 'column': dataset {source.dataset} has no column {source.column!r} "
-                               f"(columns: {', '.join(row)})")
-            yield row[source.column], True
-        return
+def local_pieces(source: DataSource) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces of local files in a fixed order: a .txt file is one document, read in pieces of
+    about TEXT_CHUNK_CHARS cut at line ends; each JSONL record is a document."""
     for path in source.paths():
         if path.suffix == ".jsonl":
             with open(path) as handle:
@@ -396,25 +385,82 @@ def read_documents(source: DataSource) -> Iterator[tuple[str, bool]]:
             yield "".join(piece), True
 
 
-def packed_sequences(source: DataSource, tokenizer, seq_len: int) -> Iterator[list[int]]:
-    """Tokens of every document, EOS after each, concatenated and cut into seq_len pieces. Repeats the data
-    (epochs) when it runs out, always in the same order: the data position is just a sequence count."""
-    eos = tokenizer.eos_token_id
-    buffer: list[int] = []
-    epoch = 0
-    while True:
-        yielded = False
-        for text, ends_document in read_documents(source):
-            buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if ends_document and eos is not None:
-                buffer.append(eos)
-            while len(buffer) >= seq_len:
-                yield buffer[:seq_len]
-                yielded = True
-                del buffer[:seq_len]
-        if not yielded and epoch == 0:
-            raise MoHError(f"the data has fewer than seq_len={seq_len} tokens; give more text or lower seq_len")
-        epoch += 1
+def hub_pieces(rows, source: DataSource) -> Iterator[tuple[str, bool]]:
+    for row in rows:
+        if source.column not in row:
+            raise MoHError(f"recipe key 'column': dataset {source.dataset} has no column {source.column!r} "
+                           f"(columns: {', '.join(row)})")
+        yield row[source.column], True
+
+
+class PackedTokenStream:
+    """Tokens of every document, EOS after each, concatenated and cut into seq_len sequences; the data repeats
+    (epochs) in the same order when it runs out. Every process builds the same stream.
+
+    Its position (`state_dict`) is small: the epoch, how many text pieces of it were read, the tokens left over from
+    the last piece, and for streamed Hub datasets the dataset's own state. Resuming therefore neither re-tokenizes
+    nor (for Hub datasets) re-downloads what was already trained on."""
+
+    def __init__(self, source: DataSource, tokenizer, seq_len: int):
+        self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
+        self.epoch, self.pieces_read, self.buffer = 0, 0, []
+        self.produced_any = False
+        self._dataset = None  # the Hub dataset being iterated
+        self._dataset_state = None  # a saved position to restore when it is next opened
+        self._pieces = None
+
+    def state_dict(self) -> dict:
+        import copy
+
+        state = {"epoch": self.epoch, "pieces_read": self.pieces_read, "buffer": list(self.buffer)}
+        if self._dataset is not None and hasattr(self._dataset, "state_dict"):
+            state["dataset_state"] = copy.deepcopy(self._dataset.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pieces_read, self.buffer = state["epoch"], state["pieces_read"], list(state["buffer"])
+        self._dataset_state = state.get("dataset_state")
+        self._pieces, self.produced_any = None, True
+
+    def _open(self) -> Iterator[tuple[str, bool]]:
+        skip = self.pieces_read
+        if self.source.dataset is None:
+            pieces = local_pieces(self.source)
+        else:
+            import datasets
+
+            self._dataset = datasets.load_dataset(self.source.dataset, self.source.dataset_config,
+                                                  split=self.source.split, streaming=self.source.streaming)
+            if self._dataset_state is not None and hasattr(self._dataset, "load_state_dict"):
+                self._dataset.load_state_dict(self._dataset_state)
+                skip = 0
+            pieces = hub_pieces(self._dataset, self.source)
+        self._dataset_state = None
+        return itertools.islice(pieces, skip, None)  # skipping reads text but tokenizes nothing
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[int]:
+        while len(self.buffer) < self.seq_len:
+            if self._pieces is None:
+                self._pieces = self._open()
+            piece = next(self._pieces, None)
+            if piece is None:  # end of the data: next epoch, same order
+                if not self.produced_any:
+                    raise MoHError(f"the data has fewer than seq_len={self.seq_len} tokens; give more text or "
+                                   "lower seq_len")
+                self.epoch, self.pieces_read, self._pieces = self.epoch + 1, 0, None
+                continue
+            text, ends_document = piece
+            self.pieces_read += 1
+            self.buffer.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if ends_document and self.tokenizer.eos_token_id is not None:
+                self.buffer.append(self.tokenizer.eos_token_id)
+        self.produced_any = True
+        sequence = self.buffer[: self.seq_len]
+        del self.buffer[: self.seq_len]
+        return sequence
 
 
 def take(stream: Iterator[list[int]], count: int) -> torch.Tensor:
@@ -733,23 +779,23 @@ def train(recipe: str | Path | dict | TrainRecipe, overrides: list[str] = (), re
     model.train()
 
     # ---- data: the same packed stream in every process; each takes its slice of every global batch
-    stream = packed_sequences(recipe.data, tokenizer, recipe.seq_len)
+    stream = PackedTokenStream(recipe.data, tokenizer, recipe.seq_len)
     if recipe.eval_windows and recipe.eval_data is not None:
-        eval_windows = take(packed_sequences(recipe.eval_data, tokenizer, recipe.seq_len), recipe.eval_windows)
+        eval_windows = take(PackedTokenStream(recipe.eval_data, tokenizer, recipe.seq_len), recipe.eval_windows)
     elif recipe.eval_windows:
         eval_windows = take(stream, recipe.eval_windows)  # held out: training starts after them
     else:
         eval_windows = None
 
     # ---- resume: model/optimizer/RNG from accelerate, step and data position from trainer_state.json
-    start_step, sequences_consumed = 0, 0
+    start_step, sequences_consumed, first_ppl = 0, 0, None
     checkpoint = latest_checkpoint(checkpoints) if resume else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
         start_step, sequences_consumed = trainer_state["step"], trainer_state["sequences_consumed"]
-        for _ in range(sequences_consumed):  # deterministic stream: skipping re-reads the data, no state needed
-            next(stream)
+        stream.load_state_dict(trainer_state["data_state"])
+        first_ppl = trainer_state.get("heldout_perplexity_before")
         accelerator.print(f"Resuming from {checkpoint} (step {start_step}, {sequences_consumed} sequences done)")
     elif resume:
         accelerator.print(f"No checkpoint in {checkpoints}; starting from step 0")
@@ -761,9 +807,8 @@ def train(recipe: str | Path | dict | TrainRecipe, overrides: list[str] = (), re
     accelerator.init_trackers("moh_train", config={k: v for k, v in recipe.model_dump().items()
                                                    if isinstance(v, (int, float, str, bool))})
 
-    first_ppl = heldout_perplexity(model, eval_windows, recipe.micro_batch_size, accelerator) \
-        if eval_windows is not None and start_step == 0 else None
-    if first_ppl is not None:
+    if eval_windows is not None and start_step == 0:
+        first_ppl = heldout_perplexity(model, eval_windows, recipe.micro_batch_size, accelerator)
         accelerator.print(f"held-out perplexity before training: {first_ppl:.3f}")
     tokens_per_step = plan.sequences_per_step * recipe.seq_len
     progress = tqdm(total=plan.max_steps, initial=start_step, desc="Training", unit="step",
@@ -815,8 +860,9 @@ def train(recipe: str | Path | dict | TrainRecipe, overrides: list[str] = (), re
                              spread=f"{metrics['load_spread']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         progress.update(1)
         if recipe.save_every and done % recipe.save_every == 0 and done < plan.max_steps:
-            save_checkpoint(accelerator, checkpoints, {"step": done, "sequences_consumed": sequences_consumed,
-                                                       "lr": lr, "loss": last_loss}, recipe.keep_checkpoints)
+            trainer_state = {"step": done, "sequences_consumed": sequences_consumed, "lr": lr, "loss": last_loss,
+                             "heldout_perplexity_before": first_ppl, "data_state": stream.state_dict()}
+            save_checkpoint(accelerator, checkpoints, trainer_state, recipe.keep_checkpoints)
     progress.close()
 
     if eval_windows is not None and (not recipe.eval_every or last_ppl is None):

@@ -124,6 +124,53 @@ def test_existing_checkpoints_need_resume(tiny_moh, tmp_path, no_model_loading):
 # ------------------------------------------------------------------------------------------- pieces of the loop
 
 
+class CountingTokenizer:
+    """Records every text it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts, self.eos_token_id = tokenizer, [], tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        self.texts.append(text)
+        return self.tokenizer(text, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "hub-streaming"])
+def test_data_stream_resumes_from_its_state_without_rereading(kind, tmp_path, monkeypatch):
+    """The stream's saved position (epoch, pieces read, leftover tokens, a streamed dataset's own state) gives the
+    same sequences as reading on, across piece and epoch boundaries; tokenization never re-runs on skipped text."""
+    from .conftest import tiny_tokenizer
+
+    monkeypatch.setattr(moh_train, "TEXT_CHUNK_CHARS", 300)  # several pieces per file
+    documents = [synthetic_text(40 + 13 * i, seed=i) for i in range(12)]
+    if kind == "txt":
+        (tmp_path / "a.txt").write_text("\n".join(documents[:6]) + "\n")
+        (tmp_path / "b.txt").write_text("\n".join(documents[6:]) + "\n")
+        source = moh_train.DataSource(path=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])
+    else:
+        folder = tmp_path / "dataset"
+        folder.mkdir()
+        (folder / "train.jsonl").write_text("".join(json.dumps({"body": text}) + "\n" for text in documents))
+        source = (moh_train.DataSource(path=str(folder / "train.jsonl"), column="body") if kind == "jsonl" else
+                  moh_train.DataSource(dataset=str(folder), column="body", streaming=True))
+    tokenizer = tiny_tokenizer()
+    total_tokens = sum(len(text) + 1 for text in documents)
+    reference = moh_train.PackedTokenStream(source, tokenizer, 64)
+    expected = moh_train.take(reference, 2 * total_tokens // 64 + 3)  # more than one epoch
+    first_piece = documents[0] if kind != "txt" else next(moh_train.local_pieces(source))[0]
+    for split in (1, 7, total_tokens // 64 + 1):
+        stream = moh_train.PackedTokenStream(source, tokenizer, 64)
+        head = moh_train.take(stream, split)
+        state = json.loads(json.dumps(stream.state_dict()))  # it goes through trainer_state.json
+        counting = CountingTokenizer(tokenizer)
+        resumed = moh_train.PackedTokenStream(source, counting, 64)
+        resumed.load_state_dict(state)
+        tail = moh_train.take(resumed, len(expected) - split)
+        assert torch.equal(torch.cat([head, tail]), expected), split
+        # it carries on where it stopped: the first text it tokenizes is not the start of the data
+        assert counting.texts[0] != first_piece, split
+
+
 def test_learning_rate_warms_up_then_reaches_the_final_rate():
     recipe = moh_train.TrainRecipe(model="m", output_dir="o", data={"path": "x"}, max_steps=10, warmup_steps=2,
                                    learning_rate=1.0, final_learning_rate=0.1)
