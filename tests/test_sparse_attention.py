@@ -193,3 +193,19 @@ def test_attention_path_switches(tiny_checkpoints, converted_half_heads, tmp_pat
     # All heads active with binary gates is the source model: nothing to skip, the source kernel stays.
     all_heads = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "all", active_heads=NUM_HEADS, shared_heads=1)
     assert AutoModelForCausalLM.from_pretrained(all_heads).config.text_config._attn_implementation == "sdpa"
+
+
+def test_remote_code_copy_runs_its_own_sparse_kernel(converted_half_heads):
+    # A downloaded model runs the modeling file copied into its folder, here loaded as remote code next to the
+    # package's copy, which registers the same attention names (the registered function dispatches to each model's own
+    # `moh` module, so the two copies can coexist in one process).
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    folder = converted_half_heads["gemma3_text"]
+    remote_class = get_class_from_dynamic_module("modeling_moh.MoHForCausalLM", folder)
+    assert remote_class.__module__.startswith("transformers_modules.")
+    model = remote_class.from_pretrained(folder).eval()
+    assert model.config.text_config._attn_implementation == "moh_sparse_sdpa"
+    input_ids, attention_mask, position_ids = padded_batch(seq=40)  # beyond the sliding window of 8
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    torch.testing.assert_close(logits(model, "sparse", **inputs), logits(model, "masked", **inputs), atol=1e-4, rtol=0)

@@ -197,6 +197,23 @@ class MoHHeadRouting(nn.Module):
             self._index_cache[key] = (shared, routed)
         return self._index_cache[key]
 
+    def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        """The attention kernel call of the sparse path (see `moh_attention_forward`): routes first, then computes
+        only the selected (token, head) pairs; falls back to the source kernel (masked path) where skipping heads
+        is not possible or not cheaper."""
+        if not self.can_skip_heads(query, dropout, kwargs):
+            return base_attention_function(module)(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        batch, _, q_len, head_dim = query.shape
+        gates, routed_mask = self.route_pending_inputs(batch, q_len)
+        self.pending_routing = (gates, routed_mask)
+        scaling = head_dim**-0.5 if scaling is None else scaling
+        output = head_sparse_attention(
+            self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask
+        )
+        return output, None
+
     def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
         """attn_output: o_proj's input [batch, seq, num_heads * head_dim]; returns it with each head scaled."""
         routed_by_sparse_kernel = self.pending_routing
@@ -383,23 +400,15 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
     return output
 
 
-def moh_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def moh_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """The attention function registered as "moh_sparse_sdpa" / "moh_sparse_eager" (same signature as
-    transformers' attention functions). Routes first, then computes only the selected (token, head) pairs; falls
-    back to the source kernel (masked path) where skipping heads is not possible or not cheaper."""
+    transformers' attention functions). The registry is global and every copy of this file (the package's, each
+    downloaded model's) registers the same names, so this stays a thin dispatcher into the attention block's own
+    `moh` module: each model runs the kernel of its own modeling file."""
     routing = getattr(module, "moh", None)
-    if routing is None or not routing.can_skip_heads(query, dropout, kwargs):
-        return base_attention_function(module)(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    batch, _, q_len, head_dim = query.shape
-    gates, routed_mask = routing.route_pending_inputs(batch, q_len)
-    routing.pending_routing = (gates, routed_mask)
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    output = head_sparse_attention(
-        routing, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask
-    )
-    return output, None
+    if routing is None:
+        return base_attention_function(module)(module, query, key, value, attention_mask, **kwargs)
+    return routing.attention(module, query, key, value, attention_mask, **kwargs)
 
 
 for _base in SPARSE_BASE_IMPLEMENTATIONS:
