@@ -167,7 +167,7 @@ def section_lines(rows: list[dict], args, calibration_seconds: float | None) -> 
         "(1 warmup step, cosine), MoH load-balance beta 0.01 (none for the dense model).",
         f"- Perplexity: WikiText-2 test.txt, first {args.test_windows} non-overlapping 512-token windows "
         "(moh_convert.perplexity). Ratios are against the dense model after the same tuning.",
-        f"- The calibrated conversion (16,384 tokens of valid.txt) took "
+        "- The calibrated conversion (16,384 tokens of valid.txt) took "
         + (f"{calibration_seconds:.0f} s." if calibration_seconds is not None else
            "place in an earlier run of this script (--reuse-conversions); its time is not part of this table."),
         "",
