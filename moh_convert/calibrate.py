@@ -34,6 +34,7 @@ import torch
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import MoHError
@@ -74,7 +75,8 @@ class CalibrationSettings(BaseModel):
     )
     refit_output_projection: bool = Field(
         True, description="Refit each layer's output projection (o_proj) by least squares so that the heads a token "
-        "keeps make up for the ones it skips (halved the perplexity gap at 6 of 9 heads on SmolLM2)."
+        "keeps make up for the ones it skips (halved the perplexity gap at 6 of 9 heads on SmolLM2). Not done with "
+        "'self' data, where it measured worse on real text."
     )
 
 
@@ -225,12 +227,17 @@ class ShardedWeights:
         return read_safetensors_tensor(self.folder / file, data_start, header[name])
 
     def load_into(self, module: torch.nn.Module, prefix: str, init_fn) -> None:
-        """Materialise a meta-device module on the CPU with its checkpoint tensors (names `prefix.<param>`)."""
-        module.to_empty(device="cpu")
-        for submodule in module.modules():  # non-persistent buffers (rotary frequencies, embedding scales)
-            init_fn(submodule)
-        state = {name: self.get(f"{prefix}.{name}") for name, _ in module.state_dict().items()
-                 if f"{prefix}.{name}" in self.weight_map}
+        """Materialise a meta-device module on the CPU, in float32, with its checkpoint tensors (`prefix.<name>`).
+
+        Each tensor is read and cast on its own, so the transient memory is one tensor, not a second copy of the
+        module. Only a module with buffers (rotary frequencies, embedding scales, computed by `init_fn`) or with
+        tensors missing from the checkpoint is allocated empty first."""
+        names = list(module.state_dict())
+        state = {name: self.get(f"{prefix}.{name}").float() for name in names if f"{prefix}.{name}" in self.weight_map}
+        if len(state) < len(names) or any(True for _ in module.buffers()):
+            module.to_empty(device="cpu")
+            for submodule in module.modules():
+                init_fn(submodule)
         module.load_state_dict(state, strict=False, assign=True)
         module.float()
 
@@ -376,9 +383,11 @@ def refit_output_projection(seen: torch.Tensor, dense: torch.Tensor, weight: tor
         gram += seen_chunk.double().T @ seen_chunk.double()
         cross += seen_chunk.double().T @ dense_chunk.double()
     strength = ridge * gram.diagonal().mean()
-    identity = torch.eye(gram.shape[0], dtype=gram.dtype)
     weight_t = weight.double().T
-    solution = torch.linalg.solve(gram + strength * identity, cross @ weight_t + strength * weight_t)
+    right_side = torch.addmm(weight_t, cross, weight_t, alpha=1.0, beta=strength)  # cross @ W^T + r W^T
+    del cross
+    gram.diagonal().add_(strength)
+    solution = torch.linalg.solve(gram, right_side)
     return solution.T.to(weight.dtype).contiguous()
 
 
@@ -458,7 +467,12 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
     calibrated.shared_heads = [list(heads) for heads in config.shared_heads]
     calibrated.routed_top_k = [config.layer_top_k(i) for i in range(config.num_layers)]
     router_state, layer_reports = {}, []
-    output_projections = {}  # refitted o_proj weights, written over the originals in their shards
+    # Refitted o_proj weights wait on disk (one small file per layer, inside the staging folder) until they are
+    # written over the originals in their shards at the end: kept in memory they would add up to a whole matrix
+    # per layer. Not for self-sampled text: fitted to the model's own samples, the refit measured worse on real text.
+    refit = settings.refit_output_projection and settings.calibration_data != "self"
+    refit_dir = folder / ".moh-refitted-o_proj"
+    output_projections = {}  # tensor name -> file holding it
 
     for layer_idx in tqdm(range(config.num_layers), desc="Calibrating layers"):
         layer = real_layers[layer_idx]
@@ -507,14 +521,17 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         for position, head in enumerate(routed):
             if skipped_count[position] > 0 and settings.head_fallback == "mean":
                 fallback[head] = (per_head[:, head] * skipped[:, position : position + 1]).sum(0) / skipped_count[position]
-        if settings.refit_output_projection and active < num_heads:
+        if refit and active < num_heads:
             # o_proj's input as the calibrated layer will see it: kept heads' outputs, fallbacks for skipped ones.
             gates = torch.ones(per_head.shape[0], num_heads)
             gates[:, routed] = router_pick
             seen = per_head * gates.unsqueeze(-1) + (1.0 - gates).unsqueeze(-1) * fallback
             refitted = refit_output_projection(seen.flatten(1), outputs, attention.o_proj.weight, OUTPUT_RIDGE)
             attention.o_proj.weight.copy_(refitted)
-            output_projections[f"model.layers.{layer_idx}.self_attn.o_proj.weight"] = refitted.to(_weights_dtype(text_config))
+            name = f"model.layers.{layer_idx}.self_attn.o_proj.weight"
+            refit_dir.mkdir(exist_ok=True)
+            output_projections[name] = refit_dir / f"{layer_idx}.safetensors"
+            save_file({name: refitted.to(_weights_dtype(text_config))}, output_projections[name])
             del seen, gates
         del inputs, outputs, importance, per_head
 
@@ -530,6 +547,7 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
             router_state[f"model.layers.{layer_idx}.self_attn.moh.{name}"] = tensor.to(dtype).clone()
         detach_head_routing(attention)
         layer.to("meta")  # free this layer's weights before the next one is read
+        release_freed_memory()
         layer_reports.append({
             "layer": layer_idx, "shared_heads": shared, "routed_top_k": top_k,
             "router_agreement": round(agreement, 4),
@@ -563,6 +581,7 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
     write_calibrated_files(folder, calibrated, router_state, report)
     if output_projections:
         replace_tensors_in_shards(folder, ShardedWeights(folder).weight_map, output_projections)
+    shutil.rmtree(refit_dir, ignore_errors=True)
     return report
 
 
@@ -600,11 +619,25 @@ def write_calibrated_files(folder: Path, config: MoHConfig, router_state: dict, 
         card.write_text(insert_card_section(text, calibration_card_section(report)))
 
 
-def replace_tensors_in_shards(folder: Path, weight_map: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+def release_freed_memory() -> None:
+    """Give memory freed by the last layer back to the OS. glibc keeps freed blocks below its (adaptive) mmap
+    threshold in the heap, and a layer's tensors of varying sizes then make the heap grow layer after layer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows): nothing to do
+        pass
+
+
+def replace_tensors_in_shards(folder: Path, weight_map: dict[str, str], tensors: dict[str, Path]) -> None:
     """Overwrite the values of existing tensors in their safetensors shards, keeping names, dtypes and shapes (so
     headers, offsets and the index stay valid). Each touched shard is rewritten as a new file: a staging copy may
-    hard-link it to the original model, which must not change. `tensors` must already have the stored dtype."""
+    hard-link it to the original model, which must not change. `tensors` maps each name to a safetensors file
+    holding its new value, already in the stored dtype."""
     import struct
+
+    from safetensors import safe_open
 
     by_shard: dict[str, list[str]] = {}
     for name in tensors:
@@ -619,7 +652,8 @@ def replace_tensors_in_shards(folder: Path, weight_map: dict[str, str], tensors:
         with open(replacement, "r+b") as handle:
             for name in names:
                 begin, end = header[name]["data_offsets"]
-                data = tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                with safe_open(tensors[name], framework="pt") as stored:
+                    data = stored.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                 if len(data) != end - begin:
                     raise ValueError(f"{name}: {len(data)} bytes do not fit the {end - begin} stored in {shard}")
                 handle.seek(8 + header_size + begin)
