@@ -635,18 +635,16 @@ def replace_tensors_in_shards(folder: Path, weight_map: dict[str, str], tensors:
     headers, offsets and the index stay valid). Each touched shard is rewritten as a new file: a staging copy may
     hard-link it to the original model, which must not change. `tensors` maps each name to a safetensors file
     holding its new value, already in the stored dtype."""
-    import struct
-
     from safetensors import safe_open
+
+    from .safetensors_stream import read_safetensors_header
 
     by_shard: dict[str, list[str]] = {}
     for name in tensors:
         by_shard.setdefault(weight_map[name], []).append(name)
     for shard, names in by_shard.items():
         path = folder / shard
-        with open(path, "rb") as handle:
-            header_size = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(header_size))
+        data_start, header = read_safetensors_header(path)
         replacement = path.with_name(path.name + ".new")
         shutil.copyfile(path, replacement)
         with open(replacement, "r+b") as handle:
@@ -656,7 +654,7 @@ def replace_tensors_in_shards(folder: Path, weight_map: dict[str, str], tensors:
                     data = stored.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                 if len(data) != end - begin:
                     raise ValueError(f"{name}: {len(data)} bytes do not fit the {end - begin} stored in {shard}")
-                handle.seek(8 + header_size + begin)
+                handle.seek(data_start + begin)
                 handle.write(data)
         path.unlink()
         replacement.rename(path)
