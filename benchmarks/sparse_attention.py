@@ -163,8 +163,8 @@ def train_step_seconds(model, input_ids) -> Clock:
 # One dense model and its MoH conversions
 # ----------------------------------------------------------------------------------------------------------------
 
-def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_prompt, decode_tokens, train_length,
-                   vocab):
+def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_prompt, decode_tokens, decode_rounds,
+                   train_length, vocab):
     """variants: [(name, active heads, MoH model)]. Every repeat runs the dense model and every variant once per
     measurement, in an order rotated each repeat (the dense runs serve all variants). Returns one result per variant
     with medians."""
@@ -199,8 +199,12 @@ def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_p
             print(f"  [{repeat + 1}/{repeats}] prefill {length} wall/CPU s: " + ", ".join(
                 f"{key} {runs[key]['prefill'][length][-1].wall:.2f}/{runs[key]['prefill'][length][-1].cpu:.2f}"
                 for key in keys), flush=True)
-        for key in order:
-            runs[key]["decode"].append(decode_seconds_per_token(models[key], prompt, decode_tokens))
+        # A decode run is short (a few seconds) and its per-token differences are a few percent, within the drift of
+        # a shared machine: several interleaved rounds per repeat, each in a rotated order.
+        for decode_round in range(decode_rounds):
+            rotation = (repeat * decode_rounds + decode_round) % len(keys)
+            for key in keys[rotation:] + keys[:rotation]:
+                runs[key]["decode"].append(decode_seconds_per_token(models[key], prompt, decode_tokens))
         for key in order:
             runs[key]["train"].append(train_step_seconds(models[key], train_ids))
         print(f"  [{repeat + 1}/{repeats}] decode ms/token wall/CPU: "
@@ -352,6 +356,8 @@ def parse_args():
     parser.add_argument("--big-repeats", type=int, default=None, help="repeats for the ~1B model (default --repeats)")
     parser.add_argument("--decode-prompt", type=int, default=512, help="prompt tokens before timed decoding")
     parser.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps")
+    parser.add_argument("--decode-rounds", type=int, default=5,
+                        help="interleaved decode runs per model in each repeat (default 5)")
     parser.add_argument("--train-length", type=int, default=512, help="tokens of the training step")
     parser.add_argument("--skip-1b", action="store_true", help="leave out the ~1B random LLaMA model")
     parser.add_argument("--work-dir", type=Path, default=None, help="where converted models go (default: a temp dir)")
@@ -367,7 +373,8 @@ def main():
     print(machine, flush=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="moh-sparse-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    common = dict(decode_prompt=args.decode_prompt, decode_tokens=args.decode_tokens, train_length=args.train_length)
+    common = dict(decode_prompt=args.decode_prompt, decode_tokens=args.decode_tokens, decode_rounds=args.decode_rounds,
+                  train_length=args.train_length)
     results = []
 
     dense = load(args.model, attn_implementation="sdpa")
@@ -412,7 +419,8 @@ def write_report(args, command, machine, started, results, big_note):
     table = tables(results)
     print("\n" + table)
     settings = (f"{args.repeats} repeats (1B: {args.big_repeats or args.repeats}); decode {args.decode_tokens} "
-                f"tokens after a {args.decode_prompt}-token prompt; training step on {args.train_length} tokens"
+                f"tokens after a {args.decode_prompt}-token prompt, {args.decode_rounds} interleaved runs per model "
+                f"per repeat; training step on {args.train_length} tokens"
                 + big_note)
     write_markdown_section(args.markdown, markdown_section(command, machine, started, settings, table))
     print(f"\nWrote the sparse_attention section of {args.markdown}", flush=True)

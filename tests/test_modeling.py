@@ -177,6 +177,37 @@ def test_any_subset_of_heads_can_be_shared_per_layer(tiny_checkpoints):
         assert (active.sum(-1) == len(shared) + 1).all(), f"layer {layer_idx}: exactly shared + top-1 heads per token"
 
 
+@pytest.mark.parametrize("router", ["query-norm", "learned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_gates_select_the_router_probabilities_top_k(router, dtype):
+    # At inference, binary gates are built from the router's raw scores (fewer ops per decoded token); they must
+    # select exactly the heads the probabilities' top-K selects (recording statistics and training use those).
+    from moh_convert import MoHConfig
+    from moh_convert.modeling.modeling_moh import MoHHeadRouting
+
+    num_heads, head_dim, hidden = 9, 8, 72
+    config = MoHConfig(
+        text_config={"model_type": "llama", "hidden_size": hidden, "num_attention_heads": num_heads,
+                     "num_key_value_heads": 3, "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 64},
+        shared_heads=[[7, 2, 4]], routed_top_k=3, router=router,
+    )
+    routing = MoHHeadRouting(config, 0, hidden, head_dim).eval().to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    if router == "learned":
+        routing.router.routed_proj.weight.data.normal_(generator=generator)
+    hidden_states = torch.randn(3, 50, hidden, generator=generator).to(dtype)
+    queries = (torch.randn(3, 50, num_heads, head_dim, generator=generator) * torch.rand(num_heads, 1) * 3).to(dtype)
+
+    fast_gates, no_mask = routing.head_gates(hidden_states, queries)
+    routing.record_routing = True
+    probability_gates, routed_mask = routing.head_gates(hidden_states, queries)
+
+    assert no_mask is None and fast_gates.dtype == dtype and fast_gates.shape == (3, 50, num_heads, 1)
+    assert torch.equal(fast_gates.float(), probability_gates)
+    assert torch.equal(routing.routed_part(fast_gates, None).float(), routed_mask)
+    assert (fast_gates[:, :, [7, 2, 4]] == 1).all() and (fast_gates.sum((2, 3)) == 6).all()
+
+
 def test_config_rejects_impossible_splits(tiny_checkpoints):
     from transformers import AutoConfig
 

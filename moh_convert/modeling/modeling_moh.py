@@ -18,6 +18,7 @@
 #     then computes shared heads for all tokens and each routed head only for the tokens that selected it, so scores
 #     and values of unselected (token, head) pairs are never computed. The family's own forward still does the
 #     projections, q/k norms, rotary embeddings and the KV cache, so every supported family works unchanged.
+import math
 import sys
 
 import torch
@@ -77,9 +78,27 @@ class LearnedRouter(nn.Module):
 ROUTER_CLASSES = {"query-norm": QueryNormRouter, "learned": LearnedRouter}
 
 
+class PendingRoutingInputs:
+    """What the hooks of one attention forward hand to the kernel and the o_proj pre-hook: the block input (learned
+    routers), the queries (query-norm router) and, once the sparse kernel has routed, (gates, routed_mask). A plain
+    object rather than attributes of the nn.Module: every tensor assigned to a module attribute goes through
+    `nn.Module.__setattr__`'s registry checks, which shows when decoding one token at a time."""
+
+    __slots__ = ("hidden_states", "queries", "routing")
+
+    def __init__(self):
+        self.hidden_states: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def has_inputs(self) -> bool:
+        return self.hidden_states is not None or self.queries is not None
+
+
 class MoHHeadRouting(nn.Module):
     """Everything MoH adds to one attention block. Registered as `self_attn.moh` (its tensors are stored as
-    `...self_attn.moh.router.*`). It turns router probabilities into per-head gates [batch, seq, num_heads]."""
+    `...self_attn.moh.router.*`). It turns router probabilities into per-head gates [batch, seq, num_heads, 1]
+    (the trailing 1 broadcasts over head_dim)."""
 
     def __init__(self, config: MoHConfig, layer_idx: int, hidden_size: int, head_dim: int):
         super().__init__()
@@ -90,6 +109,7 @@ class MoHHeadRouting(nn.Module):
         self.routed_top_k = config.layer_top_k(layer_idx)
         self.gate_mode = config.gate_mode
         self.router = ROUTER_CLASSES[config.router](config, layer_idx, hidden_size)
+        self.router_uses_query = self.router.uses_query  # a plain attribute: read per token when decoding
         # What an unselected head outputs instead of its attention result (zeros unless calibrated).
         self.head_fallback = nn.Parameter(torch.zeros(self.num_heads, head_dim)) if config.head_fallback else None
         # Every head on with binary gates is exactly the dense model: skip routing altogether.
@@ -99,18 +119,18 @@ class MoHHeadRouting(nn.Module):
         self.last_router_probs: torch.Tensor | None = None  # [batch, seq, num_routed]
         self.last_routed_mask: torch.Tensor | None = None  # [batch, seq, num_routed], 1 where selected
         # Filled by hooks during one attention forward, consumed by the o_proj pre-hook.
-        self.pending_hidden_states: torch.Tensor | None = None
-        self.pending_queries: torch.Tensor | None = None
-        # (gates, routed_mask) when the sparse attention kernel has routed already (it must know the heads first).
-        self.pending_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pending = PendingRoutingInputs()
         self._index_cache: dict = {}
 
-    def _head_index(self, which: str, device: torch.device) -> torch.Tensor:
-        key = (which, device)
+    def _head_index(self, which: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (which, device, dtype)
         if key not in self._index_cache:
-            if which == "shared-ones":  # float32 [num_heads]: 1 at shared heads, 0 at routed heads
-                ones = torch.zeros(self.num_heads, device=device)
+            if which == "shared-ones":  # [num_heads, 1]: 1 at shared heads, 0 at routed heads
+                ones = torch.zeros(self.num_heads, 1, device=device, dtype=dtype)
                 self._index_cache[key] = ones.index_fill_(0, self._head_index("shared", device), 1.0)
+            elif which == "shared-exclusion":  # float32 [num_heads, 1]: -inf at shared heads, 0 at routed heads
+                exclusion = torch.zeros(self.num_heads, 1, device=device)
+                self._index_cache[key] = exclusion.index_fill_(0, self._head_index("shared", device), -math.inf)
             else:
                 heads = self.shared_heads if which == "shared" else self.routed_heads
                 self._index_cache[key] = torch.tensor(heads, dtype=torch.long, device=device)
@@ -118,9 +138,14 @@ class MoHHeadRouting(nn.Module):
 
     def head_gates(self, hidden_states: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
         """hidden_states: attention block input [batch, seq, hidden]; queries: [batch, seq, num_heads, head_dim]
-        (only for routers that use them). Returns gates [batch, seq, num_heads] in float32."""
-        routed_index = self._head_index("routed", hidden_states.device)
-        shared_index = self._head_index("shared", hidden_states.device)
+        (only for routers that use them). Returns gates [batch, seq, num_heads, 1] (float32, or the model's dtype
+        for binary gates at inference) and the routed mask [batch, seq, num_routed] (None from the inference fast
+        path: see `routed_part`)."""
+        if self.gate_mode == "binary" and not self.training and not self.record_routing:
+            return self.binary_gates_for_inference(hidden_states, queries), None
+        device = (queries if queries is not None else hidden_states).device
+        routed_index = self._head_index("routed", device)
+        shared_index = self._head_index("shared", device)
         routed_queries = queries.index_select(2, routed_index) if queries is not None else None
         probs = self.router(hidden_states, routed_queries)  # [batch, seq, num_routed]
 
@@ -130,13 +155,6 @@ class MoHHeadRouting(nn.Module):
         if self.record_routing or self.training:
             self.last_router_probs = probs
             self.last_routed_mask = routed_mask
-        if self.gate_mode == "binary" and not self.training:
-            # Inference with 0/1 gates: copy the routed mask into a cached row of shared-head ones (fewer small ops
-            # per token matters when decoding).
-            shared_ones = self._head_index("shared-ones", hidden_states.device)
-            gates = shared_ones.expand(*probs.shape[:-1], self.num_heads).index_copy(-1, routed_index, routed_mask)
-            return gates, routed_mask
-
         if self.gate_mode == "binary":
             # Straight-through estimator: forward value is the 0/1 mask, gradient is the soft score's.
             routed_gates = routed_mask + probs - probs.detach() if self.training else routed_mask
@@ -155,12 +173,39 @@ class MoHHeadRouting(nn.Module):
         gates = probs.new_zeros(*probs.shape[:-1], self.num_heads)
         gates = gates.index_copy(-1, routed_index, routed_gates)
         gates = gates.index_copy(-1, shared_index, shared_gates)
-        return gates, routed_mask
+        return gates.unsqueeze(-1), routed_mask
 
-    def route_pending_inputs(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def binary_gates_for_inference(self, hidden_states: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
+        """0/1 gates [batch, seq, num_heads, 1] in the model's dtype, without router probabilities. Which heads win
+        depends only on the order of the router's scores, and the router's normalisations (std scaling, softmax)
+        keep that order, so the raw scores pick the same top-K with a third of the small ops: when decoding one
+        token, these per-layer ops cost about as much as the layer's matrix products. Training and recording keep
+        `head_gates`' full path (they need the probabilities)."""
+        if self.router_uses_query:
+            # Scores over all heads with the shared ones at -inf: top-K yields head ids directly.
+            norms = torch.linalg.vector_norm(queries, dim=-1, keepdim=True, dtype=torch.float32)
+            scores = norms + self._head_index("shared-exclusion", queries.device)
+            selected_heads = scores.topk(self.routed_top_k, dim=-2).indices  # [batch, seq, top_k, 1]
+            dtype = queries.dtype
+        else:
+            logits = self.router.routed_proj(hidden_states)
+            selected = logits.topk(self.routed_top_k, dim=-1).indices
+            selected_heads = self._head_index("routed", hidden_states.device).take(selected).unsqueeze(-1)
+            dtype = hidden_states.dtype
+        shared_ones = self._head_index("shared-ones", selected_heads.device, dtype)
+        return shared_ones.expand(*selected_heads.shape[:-2], self.num_heads, 1).scatter(-2, selected_heads, 1.0)
+
+    def routed_part(self, gates: torch.Tensor, routed_mask: torch.Tensor | None) -> torch.Tensor:
+        """The routed mask [batch, seq, num_routed]; binary gates at inference hold it in their routed columns."""
+        if routed_mask is not None:
+            return routed_mask
+        return gates.squeeze(-1).index_select(-1, self._head_index("routed", gates.device))
+
+    def route_pending_inputs(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Route with the block input and queries the hooks kept during this attention forward."""
-        hidden_states, queries = self.pending_hidden_states, self.pending_queries
-        self.pending_hidden_states = self.pending_queries = None
+        pending = self.pending
+        hidden_states, queries = pending.hidden_states, pending.queries
+        pending.hidden_states = pending.queries = None
         if queries is not None:
             queries = queries.view(batch, seq, self.num_heads, -1)
         return self.head_gates(hidden_states, queries)
@@ -177,7 +222,7 @@ class MoHHeadRouting(nn.Module):
             and query.shape[2] > 1
             and kwargs.get("cache") is None
             and not kwargs.get("output_attentions", False)
-            and self.pending_hidden_states is not None
+            and self.pending.has_inputs()
         )
 
     def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[list, list]:
@@ -207,7 +252,8 @@ class MoHHeadRouting(nn.Module):
             )
         batch, _, q_len, head_dim = query.shape
         gates, routed_mask = self.route_pending_inputs(batch, q_len)
-        self.pending_routing = (gates, routed_mask)
+        routed_mask = self.routed_part(gates, routed_mask)
+        self.pending.routing = (gates, routed_mask)
         scaling = head_dim**-0.5 if scaling is None else scaling
         output = head_sparse_attention(
             self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask
@@ -216,13 +262,12 @@ class MoHHeadRouting(nn.Module):
 
     def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
         """attn_output: o_proj's input [batch, seq, num_heads * head_dim]; returns it with each head scaled."""
-        routed_by_sparse_kernel = self.pending_routing
-        self.pending_routing = None
+        routed_by_sparse_kernel = self.pending.routing
+        self.pending.routing = None
         if self.is_dense and not self.record_routing:
-            self.pending_hidden_states = self.pending_queries = None
+            self.pending.hidden_states = self.pending.queries = None
             return attn_output
         batch, seq = attn_output.shape[:2]
-        per_head = attn_output.view(batch, seq, self.num_heads, -1)
         if routed_by_sparse_kernel is not None:
             gates, routed_mask = routed_by_sparse_kernel
             # The kernel left unselected (token, head) pairs at zero and binary gates are 1 elsewhere: nothing to do.
@@ -232,10 +277,11 @@ class MoHHeadRouting(nn.Module):
             gates, routed_mask = self.route_pending_inputs(batch, seq)
         if self.is_dense:  # recording statistics only: leave the output bit-exact
             return attn_output
-        gated = per_head * gates.unsqueeze(-1).to(per_head.dtype)
+        per_head = attn_output.view(batch, seq, self.num_heads, -1)
+        gated = per_head * gates.to(per_head.dtype)
         if self.head_fallback is not None:
             # Routed heads the token skipped output their stored mean instead of zero.
-            skipped = (1.0 - routed_mask).to(per_head.dtype).unsqueeze(-1)
+            skipped = (1.0 - self.routed_part(gates, routed_mask)).to(per_head.dtype).unsqueeze(-1)
             routed_index = self._head_index("routed", per_head.device)
             fallback = skipped * self.head_fallback.index_select(0, routed_index).to(per_head.dtype)
             gated = gated.index_add(2, routed_index, fallback)
@@ -436,10 +482,7 @@ def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int)
     attention.moh = routing
     handles = []
 
-    def keep_block_input(module, args, kwargs):
-        routing.pending_hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-    handles.append(attention.register_forward_pre_hook(keep_block_input, with_kwargs=True))
+    pending = routing.pending
 
     if routing.router.uses_query:
         query_projection, fused_qkv = _query_projection(attention)
@@ -447,9 +490,15 @@ def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int)
 
         def keep_queries(module, args, output):
             # Pre-norm, pre-rotary queries: q_norm (qwen3, gemma3, olmo2) would flatten the norms the router reads.
-            routing.pending_queries = output[..., :query_width] if fused_qkv else output
+            pending.queries = output[..., :query_width] if fused_qkv else output
 
         handles.append(query_projection.register_forward_hook(keep_queries))
+    else:
+        # Learned routers read the block input. (The query-norm router does not: one hook fewer per layer.)
+        def keep_block_input(module, args, kwargs):
+            pending.hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        handles.append(attention.register_forward_pre_hook(keep_block_input, with_kwargs=True))
 
     def gate_heads(module, args):
         return (routing.gate_attention_output(args[0]),) + tuple(args[1:])
