@@ -47,6 +47,7 @@ REPORT_NAME = "calibration_report.json"
 CHECK_TOKENS = 4096
 RIDGE = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
 OUTPUT_RIDGE = 1e-2  # pull of the refitted o_proj towards the original, relative to the mean diagonal of X^T X
+LM_HEAD_SLICE = 4096  # vocabulary rows of the LM head cast to float32 at a time for the held-out loss
 
 
 class CalibrationSettings(BaseModel):
@@ -61,7 +62,7 @@ class CalibrationSettings(BaseModel):
     )
     calibration_tokens: int = Field(16384, gt=0, description="Tokens to calibrate on.")
     calibration_seq_len: int = Field(512, gt=1, description="Tokens per calibration window.")
-    calibration_batch_size: int = Field(8, gt=0, description="Windows per forward pass (lower it to save memory).")
+    calibration_batch_size: int = Field(4, gt=0, description="Windows per forward pass (lower it to save memory).")
     calibration_heldout_tokens: int = Field(
         2048, ge=0, description="Further tokens of the same source, held out for the before/after perplexity."
     )
@@ -104,10 +105,17 @@ def load_calibration_windows(
     num_heldout = math.ceil(settings.calibration_heldout_tokens / seq_len)
     if settings.calibration_data == "self":
         token_ids = sample_own_text(model_folder, tokenizer, (num_calibration + num_heldout) * seq_len, seq_len, settings.seed,
-                                    batch_size=8 * settings.calibration_batch_size)
+                                    batch_size=16 * settings.calibration_batch_size)
     else:
-        text = read_calibration_text(settings, needed_chars=(num_calibration + num_heldout) * seq_len * 8)
-        token_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        needed_tokens = (num_calibration + num_heldout + 1) * seq_len  # one spare window: the cut may split a word
+        needed_chars = needed_tokens * 8
+        text = read_calibration_text(settings, needed_chars=needed_chars)
+        # Tokenize only a prefix long enough (tokenizing a whole large file costs time and memory), longer if needed.
+        while True:
+            token_ids = tokenizer(text[:needed_chars], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+            if token_ids.numel() >= needed_tokens or needed_chars >= len(text):
+                break
+            needed_chars *= 2
     num_windows = token_ids.numel() // seq_len
     if num_windows < num_calibration + max(num_heldout, 0):
         raise MoHError(
@@ -338,6 +346,7 @@ def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active
     frequency = keep_frequency(importance, active)
     order = frequency.argsort(descending=True).tolist()
     counts = [min(fixed_shared, active)] if fixed_shared is not None else candidate_shared_counts(active)
+    fit_part = RidgeRouterFit(inputs[:num_fit]) if fixed_shared is None else RidgeRouterFit(inputs)
     best = None
     for count in counts:
         shared = sorted(order[:count])
@@ -347,7 +356,7 @@ def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active
             weight, bias = torch.zeros(len(routed), inputs.shape[1]), torch.zeros(len(routed))
         else:
             targets = importance[:, routed].clamp_min(1e-6).log()
-            weight, bias = fit_linear_router(inputs[:num_fit], targets[:num_fit])
+            weight, bias = fit_part.fit(targets[: fit_part.inputs.shape[0]])
         skipped = torch.ones(deviation_check.shape[0], num_heads)
         skipped[:, shared] = 0.0
         if top_k:
@@ -356,59 +365,97 @@ def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active
         error = reconstruction_error(deviation_check, skipped, o_proj_weight) if len(counts) > 1 else 0.0
         if best is None or error < best["error"]:
             best = {"error": error, "shared": shared, "routed": routed, "top_k": top_k, "weight": weight, "bias": bias}
+    del fit_part
     if fixed_shared is None and best["top_k"] > 0:
         # Refit the chosen router on every calibration token.
         targets = importance[:, best["routed"]].clamp_min(1e-6).log()
-        best["weight"], best["bias"] = fit_linear_router(inputs, targets)
+        best["weight"], best["bias"] = RidgeRouterFit(inputs).fit(targets)
     best["frequency"] = frequency
     return best
 
 
-def fit_linear_router(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge regression targets ≈ inputs @ W.T + b. Returns (W [outputs, hidden], b [outputs])."""
-    features = torch.cat([inputs, torch.ones(inputs.shape[0], 1)], dim=1).double()
-    gram = features.T @ features
-    ridge = RIDGE * gram.diagonal()[:-1].mean()
-    gram[:-1, :-1] += ridge * torch.eye(gram.shape[0] - 1, dtype=gram.dtype)
-    solution = torch.linalg.solve(gram, features.T @ targets.double())  # [hidden + 1, outputs]
-    return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
+class RidgeRouterFit:
+    """Ridge regression targets ≈ inputs @ W.T + b for several sets of targets on the same inputs (one per candidate
+    split of a layer): the normal matrix is accumulated in float64 chunk by chunk and factored once."""
+
+    def __init__(self, inputs: torch.Tensor):
+        self.inputs = inputs
+        gram = torch.zeros(inputs.shape[1] + 1, inputs.shape[1] + 1, dtype=torch.float64)
+        for features in self._feature_chunks():
+            gram.addmm_(features.T, features)
+        ridge = RIDGE * gram.diagonal()[:-1].mean()
+        gram.diagonal()[:-1].add_(ridge)  # not on the bias
+        self.factor = torch.linalg.cholesky(gram)
+
+    def _feature_chunks(self):
+        for chunk in self.inputs.split(1024):
+            yield torch.cat([chunk, torch.ones(chunk.shape[0], 1)], dim=1).double()
+
+    def fit(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (W [outputs, hidden], b [outputs])."""
+        right_side = torch.zeros(self.factor.shape[0], targets.shape[1], dtype=torch.float64)
+        for features, target_chunk in zip(self._feature_chunks(), targets.split(1024)):
+            right_side.addmm_(features.T, target_chunk.double())
+        solution = torch.cholesky_solve(right_side, self.factor)  # [hidden + 1, outputs]
+        return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
 
 
 def refit_output_projection(seen: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor, ridge: float) -> torch.Tensor:
     """W' minimising ||dense W^T - seen W'^T||^2 + r ||W' - W||^2: the output projection refitted so that the heads a
-    token keeps make up for the ones it skips. seen/dense: o_proj inputs [tokens, heads*head_dim]."""
+    token keeps make up for the ones it skips. seen/dense: o_proj inputs [tokens, heads*head_dim].
+
+    Normal equations (S^T S + r I) W'^T = S^T (D W^T) + r W^T in float64, solved through a Cholesky factor (the
+    ridge makes the system positive definite). The right side is accumulated from the dense outputs D W^T chunk by
+    chunk and the system is solved in place, so two width x width float64 matrices exist at a time."""
     gram = torch.zeros(seen.shape[1], seen.shape[1], dtype=torch.float64)
-    cross = torch.zeros_like(gram)
-    for seen_chunk, dense_chunk in zip(seen.split(4096), dense.split(4096)):
-        gram += seen_chunk.double().T @ seen_chunk.double()
-        cross += seen_chunk.double().T @ dense_chunk.double()
-    strength = ridge * gram.diagonal().mean()
-    weight_t = weight.double().T
-    right_side = torch.addmm(weight_t, cross, weight_t, alpha=1.0, beta=strength)  # cross @ W^T + r W^T
-    del cross
+    right_side = torch.zeros(seen.shape[1], weight.shape[0], dtype=torch.float64)
+    for seen_chunk, dense_chunk in zip(seen.split(512), dense.split(512)):
+        seen_chunk = seen_chunk.double()
+        gram.addmm_(seen_chunk.T, seen_chunk)
+        # D W^T is the dense layer's own o_proj output: computed in the weight's precision, as the model does.
+        right_side.addmm_(seen_chunk.T, (dense_chunk @ weight.float().T).double())
+    strength = (ridge * gram.diagonal().mean()).item()
+    right_side.add_(weight.T, alpha=strength)
     gram.diagonal().add_(strength)
-    solution = torch.linalg.solve(gram, right_side)
-    return solution.T.to(weight.dtype).contiguous()
+    # In place: gram becomes its Cholesky factor L (lower triangle), right_side the solution of L L^T X = right_side.
+    torch.linalg.cholesky(gram, out=gram)
+    torch.linalg.solve_triangular(gram, right_side, upper=False, out=right_side)
+    torch.linalg.solve_triangular(gram.T, right_side, upper=True, out=right_side)
+    del gram
+    return right_side.T.to(weight.dtype).contiguous()
 
 
 def run_layer(layer, hidden_batches, kwargs_batches) -> list[torch.Tensor]:
     return [layer(hidden_states, **kwargs) for hidden_states, kwargs in zip(hidden_batches, kwargs_batches)]
 
 
-def stream_loss(model, hidden_batches, token_batches, text_config) -> float:
-    """Mean next-token loss of final hidden states (final norm + LM head, with the family's logit scaling)."""
-    total, count = 0.0, 0
+def stream_loss(final_norm, head_weight, head_bias, hidden_batches, token_batches, text_config) -> float:
+    """Mean next-token loss of final hidden states (final norm + LM head, with the family's logit scaling).
+
+    Memory: the LM head (vocabulary x hidden, the largest matrix of a small model) stays in its stored dtype and is
+    cast to float32 one slice of the vocabulary at a time; the loss is accumulated with a running log-sum-exp, so
+    the numbers are those of a float32 head without ever holding one (or a whole vocabulary of logits)."""
     softcap = getattr(text_config, "final_logit_softcapping", None)
     logits_scaling = getattr(text_config, "logits_scaling", None)
-    for hidden_states, tokens in zip(hidden_batches, token_batches):
-        for row in range(hidden_states.shape[0]):  # one window at a time: vocab-sized logits are large
-            logits = model.lm_head(model.model.norm(hidden_states[row : row + 1]))[0, :-1].float()
+    states = [final_norm(hidden_states).float()[:, :-1] for hidden_states in hidden_batches]
+    targets = [tokens[:, 1:] for tokens in token_batches]
+    log_normalisers = [torch.full(target.shape, -math.inf) for target in targets]
+    target_logits = [torch.zeros(target.shape) for target in targets]
+    for start in range(0, head_weight.shape[0], LM_HEAD_SLICE):
+        weight_slice = head_weight[start : start + LM_HEAD_SLICE].float()
+        for state, target, log_normaliser, target_logit in zip(states, targets, log_normalisers, target_logits):
+            logits = state @ weight_slice.T  # [batch, seq - 1, slice]
+            if head_bias is not None:
+                logits = logits + head_bias[start : start + weight_slice.shape[0]]
             if logits_scaling:
                 logits = logits / logits_scaling
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
-            total += torch.nn.functional.cross_entropy(logits, tokens[row, 1:], reduction="sum").item()
-            count += tokens.shape[1] - 1
+            torch.logaddexp(log_normaliser, logits.logsumexp(-1), out=log_normaliser)
+            in_slice = (target >= start) & (target < start + weight_slice.shape[0])
+            target_logit[in_slice] = logits[in_slice].gather(-1, (target[in_slice] - start).unsqueeze(-1)).squeeze(-1)
+    total = sum((log_normaliser - target_logit).sum().item() for log_normaliser, target_logit in zip(log_normalisers, target_logits))
+    count = sum(target.numel() for target in targets)
     return total / max(count, 1)
 
 
@@ -422,6 +469,7 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     started = time.perf_counter()
+    return_large_blocks_to_the_os()
     config = MoHConfig.from_pretrained(folder)
     text_config = config.text_config
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -521,6 +569,7 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         for position, head in enumerate(routed):
             if skipped_count[position] > 0 and settings.head_fallback == "mean":
                 fallback[head] = (per_head[:, head] * skipped[:, position : position + 1]).sum(0) / skipped_count[position]
+        del inputs, scores  # the router is fitted: free them before the refit's matrices
         if refit and active < num_heads:
             # o_proj's input as the calibrated layer will see it: kept heads' outputs, fallbacks for skipped ones.
             gates = torch.ones(per_head.shape[0], num_heads)
@@ -533,7 +582,7 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
             output_projections[name] = refit_dir / f"{layer_idx}.safetensors"
             save_file({name: refitted.to(_weights_dtype(text_config))}, output_projections[name])
             del seen, gates
-        del inputs, outputs, importance, per_head
+        del outputs, importance, per_head
 
         routing = attach_head_routing(attention, calibrated, layer_idx)
         routing.router.routed_proj.weight.copy_(router_weight)
@@ -557,9 +606,13 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
     perplexity = {}
     if heldout_tokens:
         tied = getattr(text_config, "tie_word_embeddings", False) or "lm_head.weight" not in weights.weight_map
-        weights.load_into(model.lm_head, "model.embed_tokens" if tied else "lm_head", model._init_weights)
-        perplexity = {name: round(math.exp(stream_loss(model, states, heldout_tokens, text_config)), 3)
-                      for name, states in heldout.items()}
+        head_weight = weights.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+        head_bias = weights.get("lm_head.bias").float() if "lm_head.bias" in weights.weight_map else None
+        perplexity = {
+            name: round(math.exp(stream_loss(decoder.norm, head_weight, head_bias, states, heldout_tokens, text_config)), 3)
+            for name, states in heldout.items()
+        }
+        del head_weight
     report = {
         "method": f"sequential per-layer: importance ||(h_i - f_i) W_O^i|| with {settings.head_fallback} fallback f; shared heads by oracle keep frequency, "
                   "their number chosen by held-back reconstruction error; ridge linear router on the attention "
@@ -617,6 +670,19 @@ def write_calibrated_files(folder: Path, config: MoHConfig, router_state: dict, 
         text = card.read_text()
         card.unlink()
         card.write_text(insert_card_section(text, calibration_card_section(report)))
+
+
+def return_large_blocks_to_the_os() -> None:
+    """Serve every allocation of 1 MB or more from its own memory map (glibc's M_MMAP_THRESHOLD), which goes back
+    to the OS when the tensor is freed. By default glibc raises that threshold to the largest block freed so far
+    (up to 32 MB), after which a layer's activations come from the heap and its freed space stays with the process:
+    on a 1.1B checkpoint that was ~280 MB of the peak. Process-wide; allocations under 1 MB are unaffected."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (macOS, Windows): nothing to do
+        pass
 
 
 def release_freed_memory() -> None:

@@ -25,13 +25,14 @@ def read_safetensors_tensor(path: Path, data_start: int, entry: dict) -> torch.T
     """One tensor read with plain file reads. Unlike safetensors' memory map, pages read this way do not stay in the
     process's resident memory, so reading a whole model one tensor at a time keeps RSS at about one tensor."""
     begin, end = entry["data_offsets"]
+    dtype = TORCH_DTYPES[entry["dtype"]]
+    # Read straight into the tensor's own memory: no intermediate bytes object, so the transient is the tensor only.
+    tensor = torch.empty(end - begin, dtype=torch.uint8)
     with open(path, "rb") as handle:
         handle.seek(data_start + begin)
-        data = bytearray(handle.read(end - begin))
-    dtype = TORCH_DTYPES[entry["dtype"]]
-    if not data:
-        return torch.empty(entry["shape"], dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+        if handle.readinto(memoryview(tensor.numpy())) != end - begin:
+            raise OSError(f"{path}: file ends inside tensor data (truncated download?)")
+    return tensor.view(dtype).reshape(entry["shape"])
 
 
 def write_safetensors_streaming(
