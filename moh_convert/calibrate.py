@@ -676,28 +676,33 @@ def write_calibrated_files(folder: Path, config: MoHConfig, router_state: dict, 
         card.write_text(insert_card_section(text, calibration_card_section(report)))
 
 
+def _glibc():
+    """The C library when it is glibc (malloc tuning below), else None (macOS, Windows, musl: nothing to tune)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def return_large_blocks_to_the_os() -> None:
     """Serve every allocation of 1 MB or more from its own memory map (glibc's M_MMAP_THRESHOLD), which goes back
     to the OS when the tensor is freed. By default glibc raises that threshold to the largest block freed so far
     (up to 32 MB), after which a layer's activations come from the heap and its freed space stays with the process:
     on a 1.1B checkpoint that was ~280 MB of the peak. Process-wide; allocations under 1 MB are unaffected."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (macOS, Windows): nothing to do
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
 
 
 def release_freed_memory() -> None:
     """Give memory freed by the last layer back to the OS. glibc keeps freed blocks below its (adaptive) mmap
     threshold in the heap, and a layer's tensors of varying sizes then make the heap grow layer after layer."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows): nothing to do
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def replace_tensors_in_shards(folder: Path, weight_map: dict[str, str], tensors: dict[str, Path]) -> None:

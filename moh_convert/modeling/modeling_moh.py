@@ -178,9 +178,9 @@ class MoHHeadRouting(nn.Module):
     def binary_gates_for_inference(self, hidden_states: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
         """0/1 gates [batch, seq, num_heads, 1] in the model's dtype, without router probabilities. Which heads win
         depends only on the order of the router's scores, and the router's normalisations (std scaling, softmax)
-        keep that order, so the raw scores pick the same top-K with a third of the small ops: when decoding one
-        token, these per-layer ops cost about as much as the layer's matrix products. Training and recording keep
-        `head_gates`' full path (they need the probabilities)."""
+        keep that order, so the raw scores pick the same top-K with about half the small ops (each costs Python and
+        dispatch time on every layer of every decoded token). Training and recording keep `head_gates`' full path
+        (they need the probabilities)."""
         if self.router_uses_query:
             # Scores over all heads with the shared ones at -inf: top-K yields head ids directly.
             norms = torch.linalg.vector_norm(queries, dim=-1, keepdim=True, dtype=torch.float32)
