@@ -47,9 +47,8 @@ REPORT_NAME = "calibration_report.json"
 CHECK_TOKENS = 4096
 RIDGE = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
 OUTPUT_RIDGE = 1e-2  # pull of the refitted o_proj towards the original, relative to the mean diagonal of X^T X
-# A model's own samples at temperature 1 are easier text than real text (SmolLM2: perplexity 8 on them against 26 on
-# WikiText-2); sampling a little hotter gives calibration more varied activations. SmolLM2 6/9 'self', WikiText-2
-# test: temperature 1.0 -> 1.338x dense, 1.2 -> 1.303x, 1.4 -> 1.308x (top-p 0.95, 16,384 tokens).
+# A model's own samples at temperature 1 are easier text than real text; sampling a little hotter gives calibration
+# more varied activations (SmolLM2 6/9 'self': see the calibration table in BENCHMARKS.md).
 SELF_SAMPLING_TEMPERATURE = 1.2
 LM_HEAD_SLICE = 4096  # vocabulary rows of the LM head cast to float32 at a time for the held-out loss
 
