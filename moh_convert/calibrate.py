@@ -689,8 +689,8 @@ def _glibc():
 def return_large_blocks_to_the_os() -> None:
     """Serve every allocation of 1 MB or more from its own memory map (glibc's M_MMAP_THRESHOLD), which goes back
     to the OS when the tensor is freed. By default glibc raises that threshold to the largest block freed so far
-    (up to 32 MB), after which a layer's activations come from the heap and its freed space stays with the process:
-    on a 1.1B checkpoint that was ~280 MB of the peak. Process-wide; allocations under 1 MB are unaffected."""
+    (up to 32 MB), after which a layer's activations come from the heap and its freed space stays with the process
+    (see the 1.1B memory figure in BENCHMARKS.md). Process-wide; allocations under 1 MB are unaffected."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
