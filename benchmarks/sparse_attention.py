@@ -134,17 +134,28 @@ def attention_share(model, input_ids) -> float:
         text_config._attn_implementation_internal = base
 
 
-def decode_seconds_per_token(model, prompt, new_tokens: int) -> Clock:
-    """Greedy decoding with the KV cache after a prompt (the prefill is not timed); times are for all new tokens."""
+def interleaved_decode(models: dict, prompt, turns: int, tokens_per_turn: int) -> dict:
+    """Greedy decoding with the KV cache after a prompt (the prefill is not timed), every model in turns of a few
+    tokens, in an order rotated every turn; returns per-token Clocks, one per turn and model. A turn lasts a fraction
+    of a second, so the models of one turn run under the same machine conditions: comparing them turn by turn
+    (paired ratios) cancels the drift of a shared machine, which is larger than a decode step's differences."""
+    state, clocks = {}, {key: [] for key in models}
+    keys = list(models)
     with torch.no_grad():
-        output = model(input_ids=prompt, use_cache=True)
-        cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
-        with Clock() as clock:
-            for _ in range(new_tokens):
-                output = model(input_ids=next_token, past_key_values=cache, use_cache=True)
-                cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
-    clock.wall, clock.cpu = clock.wall / new_tokens, clock.cpu / new_tokens
-    return clock
+        for key, model in models.items():
+            output = model(input_ids=prompt, use_cache=True)
+            state[key] = (output.past_key_values, output.logits[:, -1:].argmax(-1))
+        for turn in range(turns):
+            for key in keys[turn % len(keys):] + keys[: turn % len(keys)]:
+                cache, next_token = state[key]
+                with Clock() as clock:
+                    for _ in range(tokens_per_turn):
+                        output = models[key](input_ids=next_token, past_key_values=cache, use_cache=True)
+                        cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+                clock.wall, clock.cpu = clock.wall / tokens_per_turn, clock.cpu / tokens_per_turn
+                clocks[key].append(clock)
+                state[key] = (cache, next_token)
+    return clocks
 
 
 def train_step_seconds(model, input_ids) -> Clock:
@@ -163,8 +174,8 @@ def train_step_seconds(model, input_ids) -> Clock:
 # One dense model and its MoH conversions
 # ----------------------------------------------------------------------------------------------------------------
 
-def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_prompt, decode_tokens, decode_rounds,
-                   train_length, vocab):
+def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_prompt, decode_turns,
+                   decode_tokens_per_turn, train_length, vocab):
     """variants: [(name, active heads, MoH model)]. Every repeat runs the dense model and every variant once per
     measurement, in an order rotated each repeat (the dense runs serve all variants). Returns one result per variant
     with medians."""
@@ -180,7 +191,7 @@ def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_p
 
     for model in models.values():  # warm-up of every code path, untimed
         prefill_seconds(model, inputs[lengths[0]][:, :256])
-        decode_seconds_per_token(model, prompt[:, :64], 2)
+        interleaved_decode({"warm-up": model}, prompt[:, :64], 1, 2)
         train_step_seconds(model, train_ids[:, :64])
     shares = {}
     for length in lengths:  # the dense model's attention-kernel share, one timed dense prefill per length
@@ -199,12 +210,8 @@ def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_p
             print(f"  [{repeat + 1}/{repeats}] prefill {length} wall/CPU s: " + ", ".join(
                 f"{key} {runs[key]['prefill'][length][-1].wall:.2f}/{runs[key]['prefill'][length][-1].cpu:.2f}"
                 for key in keys), flush=True)
-        # A decode run is short (a few seconds) and its per-token differences are a few percent, within the drift of
-        # a shared machine: several interleaved rounds per repeat, each in a rotated order.
-        for decode_round in range(decode_rounds):
-            rotation = (repeat * decode_rounds + decode_round) % len(keys)
-            for key in keys[rotation:] + keys[:rotation]:
-                runs[key]["decode"].append(decode_seconds_per_token(models[key], prompt, decode_tokens))
+        for key, clocks in interleaved_decode(models, prompt, decode_turns, decode_tokens_per_turn).items():
+            runs[key]["decode"] += clocks
         for key in order:
             runs[key]["train"].append(train_step_seconds(models[key], train_ids))
         print(f"  [{repeat + 1}/{repeats}] decode ms/token wall/CPU: "
@@ -216,13 +223,18 @@ def measure_models(group, dense, variants, num_heads, lengths, repeats, decode_p
     def medians(clocks):
         return {"wall": statistics.median(c.wall for c in clocks), "cpu": statistics.median(c.cpu for c in clocks)}
 
+    def paired_ratios(clocks, dense_clocks):  # median over decode turns of MoH ÷ dense in the same turn
+        return {measure: statistics.median(getattr(c, measure) / getattr(d, measure) for c, d in zip(clocks, dense_clocks))
+                for measure in ("wall", "cpu")}
+
     results = []
     for name, active, _ in variants:
         results.append({
             "name": f"{group}, {name}", "active": active, "num_heads": num_heads, "shares": shares,
             "prefill": {length: {"dense": medians(runs["dense"]["prefill"][length]),
                                  "moh": medians(runs[name]["prefill"][length])} for length in lengths},
-            "decode": {"dense": medians(runs["dense"]["decode"]), "moh": medians(runs[name]["decode"])},
+            "decode": {"dense": medians(runs["dense"]["decode"]), "moh": medians(runs[name]["decode"]),
+                       "ratio": paired_ratios(runs[name]["decode"], runs["dense"]["decode"])},
             "train": {"dense": medians(runs["dense"]["train"]), "moh": medians(runs[name]["train"])},
             "memory": {"dense": max(runs["dense"]["memory"]), "moh": max(runs[name]["memory"])},
             "memory_length": max(lengths),
@@ -272,8 +284,8 @@ def tables(results) -> str:
             )
     lines += [
         "",
-        "Decode with the KV cache (ms per token, medians), one training step (forward + backward, masked path) and "
-        "prefill memory:",
+        "Decode with the KV cache (ms per token, medians; ratios are medians over decode turns of MoH ÷ dense in the "
+        "same turn), one training step (forward + backward, masked path) and prefill memory:",
         "",
         "| model | heads | decode dense wall [ms] | decode MoH wall [ms] | decode wall ratio | decode CPU-time ratio "
         "| train step dense [s] | train step MoH [s] | train wall ratio | prefill extra memory dense / MoH [MB] |",
@@ -283,8 +295,8 @@ def tables(results) -> str:
         decode, train, memory = result["decode"], result["train"], result["memory"]
         lines.append(
             f"| {result['name']} | {result['active']}/{result['num_heads']} | {decode['dense']['wall'] * 1e3:.1f} "
-            f"| {decode['moh']['wall'] * 1e3:.1f} | {decode['moh']['wall'] / decode['dense']['wall']:.3f} "
-            f"| {decode['moh']['cpu'] / decode['dense']['cpu']:.3f} | {train['dense']['wall']:.2f} "
+            f"| {decode['moh']['wall'] * 1e3:.1f} | {decode['ratio']['wall']:.3f} "
+            f"| {decode['ratio']['cpu']:.3f} | {train['dense']['wall']:.2f} "
             f"| {train['moh']['wall']:.2f} | {train['moh']['wall'] / train['dense']['wall']:.3f} "
             f"| {memory['dense'] / MB:.0f} / {memory['moh'] / MB:.0f} (at {result['memory_length']} tokens) |"
         )
@@ -315,7 +327,8 @@ def markdown_section(command, machine, started, settings, table) -> str:
         "reported; the dense runs of one repeat serve every MoH model of the same source; everything is fp32, batch 1. MoH runs its default `attention_path=\"sparse\"` at inference (the "
         "training step runs the masked path, as training always does). Prefill is one forward over random token ids "
         "with `logits_to_keep=1`; decode is greedy one-token steps with the KV cache after a prompt (prompt not "
-        "timed); prefill extra memory is the peak of RssAnon above its value before the call (sampled every 5 ms, max over the repeats at the longest length).",
+        "timed), all models of a source taking turns of a few tokens each (order rotated every turn), compared turn "
+        "by turn; prefill extra memory is the peak of RssAnon above its value before the call (sampled every 5 ms, max over the repeats at the longest length).",
         "- Ideal: the time the MoH model would take if only the attention kernel (QK^T, softmax, PV) shrank in "
         "proportion to the active heads and nothing else changed: `ideal = dense × (1 − a + a × active/heads)`, where "
         "`a` is the share of the dense prefill spent inside the attention kernel, measured in the same run by timing "
@@ -355,9 +368,9 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per measurement (default 3)")
     parser.add_argument("--big-repeats", type=int, default=None, help="repeats for the ~1B model (default --repeats)")
     parser.add_argument("--decode-prompt", type=int, default=512, help="prompt tokens before timed decoding")
-    parser.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps")
-    parser.add_argument("--decode-rounds", type=int, default=5,
-                        help="interleaved decode runs per model in each repeat (default 5)")
+    parser.add_argument("--decode-turns", type=int, default=16,
+                        help="decode turns per repeat: every model decodes a few tokens per turn (default 16)")
+    parser.add_argument("--decode-tokens-per-turn", type=int, default=4, help="timed decode steps per turn (default 4)")
     parser.add_argument("--train-length", type=int, default=512, help="tokens of the training step")
     parser.add_argument("--skip-1b", action="store_true", help="leave out the ~1B random LLaMA model")
     parser.add_argument("--work-dir", type=Path, default=None, help="where converted models go (default: a temp dir)")
@@ -373,8 +386,8 @@ def main():
     print(machine, flush=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="moh-sparse-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    common = dict(decode_prompt=args.decode_prompt, decode_tokens=args.decode_tokens, decode_rounds=args.decode_rounds,
-                  train_length=args.train_length)
+    common = dict(decode_prompt=args.decode_prompt, decode_turns=args.decode_turns,
+                  decode_tokens_per_turn=args.decode_tokens_per_turn, train_length=args.train_length)
     results = []
 
     dense = load(args.model, attn_implementation="sdpa")
@@ -418,9 +431,9 @@ def main():
 def write_report(args, command, machine, started, results, big_note):
     table = tables(results)
     print("\n" + table)
-    settings = (f"{args.repeats} repeats (1B: {args.big_repeats or args.repeats}); decode {args.decode_tokens} "
-                f"tokens after a {args.decode_prompt}-token prompt, {args.decode_rounds} interleaved runs per model "
-                f"per repeat; training step on {args.train_length} tokens"
+    settings = (f"{args.repeats} repeats (1B: {args.big_repeats or args.repeats}); decode after a "
+                f"{args.decode_prompt}-token prompt, {args.decode_turns} turns of {args.decode_tokens_per_turn} tokens "
+                f"per model and repeat; training step on {args.train_length} tokens"
                 + big_note)
     write_markdown_section(args.markdown, markdown_section(command, machine, started, settings, table))
     print(f"\nWrote the sparse_attention section of {args.markdown}", flush=True)

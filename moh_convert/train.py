@@ -502,16 +502,22 @@ def move_routing_hooks_to_lora_wrappers(model) -> int:
 
     moved = 0
     for attention in [module for module in model.modules() if hasattr(module, "moh")]:
-        handle_ids = {handle.id for handle in attention.moh.hook_handles}
+        routing = attention.moh
+        handle_ids = {handle.id for handle in routing.hook_handles}
+        # The masked path's o_proj gate (the sparse path gates inside its attention function and has none).
+        gate_id = routing.output_gate_handle.id if routing.output_gate_handle is not None else None
         for name, wrapper in list(attention.named_children()):
             if not isinstance(wrapper, BaseTunerLayer):
                 continue
             base = wrapper.get_base_layer()
             for hooks, register in ((base._forward_pre_hooks, wrapper.register_forward_pre_hook),
                                     (base._forward_hooks, wrapper.register_forward_hook)):
-                for hook_id in [hook_id for hook_id in hooks if hook_id in handle_ids]:
-                    hook = hooks.pop(hook_id)
-                    attention.moh.hook_handles.append(register(hook))
+                for hook_id in [hook_id for hook_id in hooks if hook_id in handle_ids or hook_id == gate_id]:
+                    handle = register(hooks.pop(hook_id))
+                    if hook_id == gate_id:
+                        routing.output_gate_handle = handle
+                    else:
+                        routing.hook_handles.append(handle)
                     moved += 1
     return moved
 

@@ -208,6 +208,49 @@ def test_inference_gates_select_the_router_probabilities_top_k(router, dtype):
     assert (fast_gates[:, :, [7, 2, 4]] == 1).all() and (fast_gates.sum((2, 3)) == 6).all()
 
 
+@pytest.mark.parametrize("router", ["query-norm", "learned"])
+def test_dropping_unselected_heads_equals_gating_them(router):
+    # Inference over every head's output (decoding, the masked path) overwrites the heads a token did not select
+    # with their fallback instead of multiplying by gates: it must give what the gates give, fallback included.
+    from moh_convert import MoHConfig
+    from moh_convert.modeling.modeling_moh import MoHHeadRouting
+
+    num_heads, head_dim, hidden = 9, 8, 72
+    config = MoHConfig(
+        text_config={"model_type": "llama", "hidden_size": hidden, "num_attention_heads": num_heads,
+                     "num_key_value_heads": 3, "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 64},
+        shared_heads=[[7, 2, 4]], routed_top_k=2, router=router, head_fallback=True,
+    )
+    routing = MoHHeadRouting(config, 0, hidden, head_dim).eval()
+    generator = torch.Generator().manual_seed(1)
+    if router == "learned":
+        routing.router.routed_proj.weight.data.normal_(generator=generator)
+    hidden_states = torch.randn(2, 30, hidden, generator=generator)
+    queries = torch.randn(2, 30, num_heads, head_dim, generator=generator) * torch.rand(num_heads, 1) * 3
+    per_head = torch.randn(2, 30, num_heads, head_dim, generator=generator)
+    routing.record_routing = True
+    gates, routed_mask = routing.head_gates(hidden_states, queries)
+    routing.record_routing = False
+
+    # A zero fallback (calibration's default) is recognised once and skipped; changing it in place is noticed.
+    assert not routing.fallback_in_use()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            routing.drop_unselected_heads(per_head.clone(), hidden_states, queries),
+            routing.gate_head_outputs(per_head, gates, routed_mask), atol=0, rtol=0,
+        )
+        routing.head_fallback.normal_(generator=generator)
+    assert routing.fallback_in_use()
+    with torch.no_grad():
+        dropped = routing.drop_unselected_heads(per_head.clone(), hidden_states, queries)
+    torch.testing.assert_close(dropped, routing.gate_head_outputs(per_head, gates, routed_mask), atol=1e-6, rtol=0)
+    assert torch.equal(dropped[:, :, [7, 2, 4]], per_head[:, :, [7, 2, 4]])
+    # With autograd recording, the output is a new tensor (the kernel may have saved its own for backward).
+    kernel_output = per_head.clone().requires_grad_()
+    routing.drop_unselected_heads(kernel_output, hidden_states, queries).sum().backward()
+    assert torch.equal(kernel_output.grad.squeeze(-1).sum(-1) != 0, gates.squeeze(-1) != 0)
+
+
 def test_config_rejects_impossible_splits(tiny_checkpoints):
     from transformers import AutoConfig
 

@@ -181,7 +181,11 @@ def test_attention_path_switches(tiny_checkpoints, converted_half_heads, tmp_pat
     assert model.config._attn_implementation == "sdpa"
     assert model.config.text_config._attn_implementation == "moh_sparse_sdpa"
 
+    # The sparse path's attention function gates the heads itself; the masked path gates o_proj's input by a hook.
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert len(o_proj._forward_pre_hooks) == 0
     model.set_attention_path("masked")
+    assert len(o_proj._forward_pre_hooks) == 1
     model.save_pretrained(tmp_path / "masked")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "masked")
     assert reloaded.config.attention_path == "masked"

@@ -205,13 +205,16 @@ def test_routing_losses_follow_their_formulas(tiny_moh):
     assert 0 < moh_losses["load_spread"] <= 1
 
 
-def test_lora_on_o_proj_sees_the_gated_heads(tiny_moh):
-    """peft wraps o_proj; MoH's gate hook must move to the wrapper, or the LoRA branch adds an ungated update and
-    the merged model (which gates everything) would differ from the trained one."""
+@pytest.mark.parametrize("attention_path, hooks_moved", [("sparse", 2), ("masked", 4)])
+def test_lora_on_o_proj_sees_the_gated_heads(tiny_moh, attention_path, hooks_moved):
+    """peft wraps o_proj and q_proj; MoH's hooks on them (the query-norm router's q_proj hook; the masked path's
+    o_proj gate) must move to the wrappers, or the LoRA branches see ungated heads / queries the router does not
+    read, and the merged model (which routes and gates everything) would differ from the trained one."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_moh["query-norm"], dtype=torch.float32).eval()
+    model.set_attention_path(attention_path)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -220,7 +223,8 @@ def test_lora_on_o_proj_sees_the_gated_heads(tiny_moh):
     input_ids = torch.randint(4, 100, (2, 12))
     with torch.no_grad():
         unmoved = peft_model(input_ids=input_ids).logits
-        assert moh_train.move_routing_hooks_to_lora_wrappers(peft_model) == 2 * 2  # q_proj + o_proj hooks, 2 layers
+        # Per layer (2 layers): the q_proj hook, plus the o_proj gate on the masked path.
+        assert moh_train.move_routing_hooks_to_lora_wrappers(peft_model) == hooks_moved
         trained_view = peft_model(input_ids=input_ids).logits
         # What the merged save holds, loaded as a plain MoH model (merging drops the wrappers and their hooks).
         merged_model = AutoModelForCausalLM.from_pretrained(tiny_moh["query-norm"], dtype=torch.float32).eval()

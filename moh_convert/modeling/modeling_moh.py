@@ -6,18 +6,18 @@
 # How it works. Multi-head attention ends in o_proj(concat_i H_i); MoH weights each head's output per token:
 # o_proj(concat_i g_i(x_t) H_i), with g_i = 0 for heads the token did not select (MOH paper, eq. 3). So the
 # source model is built as it is (same classes, same tensor names) and each attention block gets:
-#   * `self_attn.router`: scores the routed heads of every token (from the block input or from the queries);
-#   * a forward pre-hook on `o_proj` that multiplies each head's slice of o_proj's input by its gate.
-# Gating happens after the attention kernel, so eager, sdpa and flash attention all keep working.
-#
-# Two ways to compute the gated attention (`config.attention_path`):
-#   * "masked": the source attention kernel computes every head; the o_proj pre-hook zeroes unselected heads. Used in
-#     training (the straight-through gradient needs every head) and as the reference.
-#   * "sparse" (default at inference): the attention kernel is swapped, through transformers' AttentionInterface
-#     registry, for `moh_attention_forward`. It routes first (the router's inputs were kept by the hooks above),
-#     then computes shared heads for all tokens and each routed head only for the tokens that selected it, so scores
-#     and values of unselected (token, head) pairs are never computed. The family's own forward still does the
-#     projections, q/k norms, rotary embeddings and the KV cache, so every supported family works unchanged.
+#   * `self_attn.moh.router`: scores the routed heads of every token (from the block input or from the queries,
+#     which a hook on the block or on q_proj keeps for it);
+#   * the gates, applied to the heads' outputs before o_proj, in one of two ways (`config.attention_path`):
+#     - "masked": the source attention kernel computes every head; a forward pre-hook on o_proj zeroes unselected
+#       heads. Works with every kernel (eager, sdpa, flash attention) and is the reference.
+#     - "sparse" (default at inference): the attention kernel is swapped, through transformers' AttentionInterface
+#       registry, for `moh_attention_forward`. It routes first, then computes shared heads for all tokens and each
+#       routed head only for the tokens that selected it, so scores and values of unselected (token, head) pairs are
+#       never computed. Where that cannot work or is not cheaper (training: the straight-through gradient needs every
+#       head; decoding one token), it runs the source kernel and gates its output itself, so this path needs no o_proj
+#       hook. The family's own forward still does the projections, q/k norms, rotary embeddings and the KV cache, so
+#       every supported family works unchanged.
 import math
 import sys
 
@@ -121,6 +121,9 @@ class MoHHeadRouting(nn.Module):
         # Filled by hooks during one attention forward, consumed by the o_proj pre-hook.
         self.pending = PendingRoutingInputs()
         self._index_cache: dict = {}
+        self._fallback_checked: tuple | None = None  # (parameter, its version, any non-zero): see fallback_in_use
+        # The masked path's o_proj pre-hook, installed by `attach_head_routing` (None while the sparse path gates).
+        self.output_gate_handle = None
 
     def _head_index(self, which: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         key = (which, device, dtype)
@@ -131,9 +134,21 @@ class MoHHeadRouting(nn.Module):
             elif which == "shared-exclusion":  # float32 [num_heads, 1]: -inf at shared heads, 0 at routed heads
                 exclusion = torch.zeros(self.num_heads, 1, device=device)
                 self._index_cache[key] = exclusion.index_fill_(0, self._head_index("shared", device), -math.inf)
+            elif which == "shared-protection":  # float32 [num_heads]: +inf at shared heads, 0 at routed heads
+                protection = torch.zeros(self.num_heads, device=device)
+                self._index_cache[key] = protection.index_fill_(0, self._head_index("shared", device), math.inf)
             else:
                 heads = self.shared_heads if which == "shared" else self.routed_heads
                 self._index_cache[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._index_cache[key]
+
+    def _head_rows(self, which: str, head_dim: int, device: torch.device) -> torch.Tensor:
+        """[heads, head_dim] long: row j holds the id of head j ("all") or of the j-th routed head ("routed"), so
+        that an embedding lookup turns head ids or routed positions into a scatter index over head_dim."""
+        key = ("rows", which, head_dim, device)
+        if key not in self._index_cache:
+            heads = list(range(self.num_heads)) if which == "all" else self.routed_heads
+            self._index_cache[key] = torch.tensor(heads, device=device).unsqueeze(1).repeat(1, head_dim)
         return self._index_cache[key]
 
     def head_gates(self, hidden_states: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
@@ -243,49 +258,109 @@ class MoHHeadRouting(nn.Module):
         return self._index_cache[key]
 
     def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        """The attention kernel call of the sparse path (see `moh_attention_forward`): routes first, then computes
-        only the selected (token, head) pairs; falls back to the source kernel (masked path) where skipping heads
-        is not possible or not cheaper."""
+        """The attention function of the sparse path (see `moh_attention_forward`), gates included: it returns the
+        gated heads, so this path runs without the masked path's o_proj hook. Routes first and computes only the
+        selected (token, head) pairs where that is possible and cheaper; elsewhere (decoding, training, ...) the
+        source kernel computes every head and the gates are applied to its output."""
         if not self.can_skip_heads(query, dropout, kwargs):
-            return base_attention_function(module)(
+            output, weights = base_attention_function(module)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
+            return self.gate_heads(output), weights
         batch, _, q_len, head_dim = query.shape
         gates, routed_mask = self.route_pending_inputs(batch, q_len)
         routed_mask = self.routed_part(gates, routed_mask)
-        self.pending.routing = (gates, routed_mask)
         scaling = head_dim**-0.5 if scaling is None else scaling
         output = head_sparse_attention(
             self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask
         )
+        # The kernel left unselected (token, head) pairs at zero and binary gates are 1 elsewhere: nothing else to do
+        # unless gates are weights or skipped heads output a fallback.
+        if self.gate_mode != "binary" or self.fallback_in_use():
+            output = self.gate_head_outputs(output, gates, routed_mask)
         return output, None
 
     def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
-        """attn_output: o_proj's input [batch, seq, num_heads * head_dim]; returns it with each head scaled."""
-        routed_by_sparse_kernel = self.pending.routing
-        self.pending.routing = None
-        if self.is_dense and not self.record_routing:
-            self.pending.hidden_states = self.pending.queries = None
-            return attn_output
+        """The masked path's o_proj pre-hook: attn_output is o_proj's input [batch, seq, num_heads * head_dim]."""
         batch, seq = attn_output.shape[:2]
-        if routed_by_sparse_kernel is not None:
-            gates, routed_mask = routed_by_sparse_kernel
-            # The kernel left unselected (token, head) pairs at zero and binary gates are 1 elsewhere: nothing to do.
-            if self.gate_mode == "binary" and self.head_fallback is None:
-                return attn_output
-        else:
-            gates, routed_mask = self.route_pending_inputs(batch, seq)
+        return self.gate_heads(attn_output.view(batch, seq, self.num_heads, -1)).view_as(attn_output)
+
+    def gate_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """per_head: every head's attention output [batch, seq, num_heads, head_dim]; returns it gated (routing with
+        the inputs the hooks kept during this attention forward)."""
+        pending = self.pending
+        if self.is_dense and not self.record_routing:
+            pending.hidden_states = pending.queries = None
+            return per_head
+        if self.gate_mode == "binary" and not self.training and not self.record_routing:
+            hidden_states, queries = pending.hidden_states, pending.queries
+            pending.hidden_states = pending.queries = None
+            if queries is not None:
+                queries = queries.view(*per_head.shape[:2], self.num_heads, -1)
+            return self.drop_unselected_heads(per_head, hidden_states, queries)
+        gates, routed_mask = self.route_pending_inputs(*per_head.shape[:2])
         if self.is_dense:  # recording statistics only: leave the output bit-exact
-            return attn_output
-        per_head = attn_output.view(batch, seq, self.num_heads, -1)
+            return per_head
+        return self.gate_head_outputs(per_head, gates, routed_mask)
+
+    def drop_unselected_heads(self, per_head: torch.Tensor, hidden_states, queries) -> torch.Tensor:
+        """Inference with binary gates over every head's output per_head [batch, seq, num_heads, head_dim]: the
+        routed heads a token did not select are overwritten with zero (or their fallback). The losers are the
+        lowest raw router scores (query norms with the shared heads at +inf, or learned logits): the router's
+        normalisations keep the order, so they are the same heads as the probabilities'. Every tensor op here costs
+        ~10 us when decoding one token (cold caches between the weight-bound matrix products), on every layer, so
+        this takes four or five of them where building and applying gates takes about ten."""
+        num_dropped = len(self.routed_heads) - self.routed_top_k
+        head_dim = per_head.shape[-1]
+        if self.router_uses_query:
+            norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32)  # [batch, seq, num_heads]
+            scores = norms + self._head_index("shared-protection", queries.device)
+            dropped = scores.topk(num_dropped, dim=-1, largest=False).indices  # head ids
+            head_rows = self._head_rows("all", head_dim, queries.device)
+        else:
+            projection = self.router.routed_proj
+            logits = F.linear(hidden_states, projection.weight, projection.bias)  # skips the module call
+            dropped = logits.topk(num_dropped, dim=-1, largest=False).indices  # positions among the routed heads
+            head_rows = self._head_rows("routed", head_dim, hidden_states.device)
+        # [batch, seq, num_dropped, head_dim]: each dropped head's id, repeated along head_dim (scatter's index)
+        index = F.embedding(dropped, head_rows)
+        if not self.fallback_in_use():
+            replacement = 0.0
+        elif self.router_uses_query:
+            replacement = F.embedding(dropped, self.head_fallback).to(per_head.dtype)
+        else:
+            routed_fallback = self.head_fallback.index_select(0, self._head_index("routed", per_head.device))
+            replacement = F.embedding(dropped, routed_fallback).to(per_head.dtype)
+        # In place unless autograd is recording (the kernel may have saved this very tensor for its backward).
+        if torch.is_grad_enabled():
+            return per_head.scatter(2, index, replacement)
+        return per_head.scatter_(2, index, replacement)
+
+    def gate_head_outputs(
+        self, per_head: torch.Tensor, gates: torch.Tensor, routed_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """per_head [batch, seq, num_heads, head_dim] times gates [batch, seq, num_heads, 1], plus the fallback of
+        skipped routed heads."""
         gated = per_head * gates.to(per_head.dtype)
-        if self.head_fallback is not None:
+        if self.fallback_in_use():
             # Routed heads the token skipped output their stored mean instead of zero.
             skipped = (1.0 - self.routed_part(gates, routed_mask)).to(per_head.dtype).unsqueeze(-1)
             routed_index = self._head_index("routed", per_head.device)
             fallback = skipped * self.head_fallback.index_select(0, routed_index).to(per_head.dtype)
             gated = gated.index_add(2, routed_index, fallback)
-        return gated.view_as(attn_output)
+        return gated
+
+    def fallback_in_use(self) -> bool:
+        """Whether skipped heads output anything but zero. Calibration with the zero fallback stores zeros; they are
+        checked once (again only when the parameter is replaced or changed in place, which bumps its version), so
+        such models skip the fallback's ops on every token."""
+        fallback = self.head_fallback
+        if fallback is None:
+            return False
+        checked = self._fallback_checked
+        if checked is None or checked[0] is not fallback or checked[1] != fallback._version:
+            checked = self._fallback_checked = (fallback, fallback._version, bool(fallback.detach().any()))
+        return checked[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,7 +548,9 @@ def _query_projection(attention: nn.Module) -> tuple[nn.Module, bool]:
 
 
 def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int) -> MoHHeadRouting:
-    """Give one source attention block its MoH routing: a `moh` submodule and three hooks that feed it."""
+    """Give one source attention block its MoH routing: a `moh` submodule, a hook that keeps the router's input
+    (queries or block input) and the masked path's o_proj pre-hook that gates heads (`use_output_gate_hook(False)`
+    removes it for the sparse path, whose attention function gates)."""
     if not hasattr(attention, "o_proj"):
         raise ValueError(f"{type(attention).__name__} has no o_proj; MoH gates heads just before it")
     hidden_size = attention.o_proj.out_features
@@ -503,8 +580,16 @@ def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int)
     def gate_heads(module, args):
         return (routing.gate_attention_output(args[0]),) + tuple(args[1:])
 
-    handles.append(attention.o_proj.register_forward_pre_hook(gate_heads))
+    def use_output_gate_hook(enabled: bool) -> None:
+        if enabled and routing.output_gate_handle is None:
+            routing.output_gate_handle = attention.o_proj.register_forward_pre_hook(gate_heads)
+        elif not enabled and routing.output_gate_handle is not None:
+            routing.output_gate_handle.remove()
+            routing.output_gate_handle = None
+
     routing.hook_handles = handles
+    routing.use_output_gate_hook = use_output_gate_hook
+    use_output_gate_hook(True)
     return routing
 
 
@@ -512,6 +597,7 @@ def detach_head_routing(attention: nn.Module) -> None:
     """Undo `attach_head_routing`: the block is the source model's again (used by calibration)."""
     for handle in attention.moh.hook_handles:
         handle.remove()
+    attention.moh.use_output_gate_hook(False)
     del attention.moh
 
 
@@ -567,6 +653,9 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         # The internal attribute, not the setter: only the source model's config changes; `config._attn_implementation`
         # keeps naming the base kernel the user asked for.
         text_config._attn_implementation_internal = SPARSE_ATTENTION_PREFIX + base if use_sparse else base
+        for routing in self.head_routing:
+            # The sparse path's attention function gates the heads itself: one o_proj hook call per layer fewer.
+            routing.use_output_gate_hook(not use_sparse)
         return self
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
