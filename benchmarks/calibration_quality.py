@@ -13,7 +13,6 @@ Results go to BENCHMARKS.md between the calibration markers, with this command.
 import argparse
 import importlib.util
 import json
-import platform
 import resource
 import shlex
 import subprocess
@@ -22,6 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import common  # noqa: E402
+
 QUALITY_MARKERS = ("<!-- calibration_quality:start -->", "<!-- calibration_quality:end -->")
 MEMORY_MARKERS = ("<!-- calibration_memory:start -->", "<!-- calibration_memory:end -->")
 NUM_HEADS = 9
@@ -112,6 +114,7 @@ def main():
                         help="--calibration-batch-size of the 1.1B run (windows per forward pass; default 2)")
     parser.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
+    args.machine = common.machine_description()
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     data_dir = str(Path(args.data_dir).resolve())
@@ -165,7 +168,7 @@ def measure_big_model_memory(args, work_dir: Path, valid: str) -> None:
         "## Calibration memory on a checkpoint of 1.1B parameters",
         "",
         f"- Command: `{command_line()}`",
-        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {args.machine}",
         "",
         f"Calibrating a random LLaMA of 1.1B parameters (22 layers, hidden 2048, 32 heads, bfloat16, 5 shards, "
         f"{big['size_mb']:.0f} MB of weights; MoH at the default 75% active / 50% shared) on {args.big_tokens:,} "
@@ -186,16 +189,9 @@ def command_line() -> str:
 
 
 def write_section(path: Path, markers: tuple[str, str], lines: list[str]) -> None:
-    start_marker, end_marker = markers
-    section = "\n".join([start_marker, *lines, end_marker])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start_marker in text:
-        start, end = text.index(start_marker), text.index(end_marker) + len(end_marker)
-        text = text[:start] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-    print(section)
+    """Write one section of BENCHMARKS.md and show it."""
+    common.write_markdown_section(path, markers, "\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 def quality_lines(dense: float, rows: list, args) -> list[str]:
@@ -203,8 +199,7 @@ def quality_lines(dense: float, rows: list, args) -> list[str]:
         "## Calibrated conversion: quality, time, memory (SmolLM2-135M-Instruct)",
         "",
         f"- Command: `{command_line()}`",
-        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
-        f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, no GPU",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {args.machine}",
         "- Perplexity: exp(mean token loss) over the first 48 non-overlapping 512-token windows of WikiText-2 test.txt.",
         f"- Calibration: on the first {args.calibration_tokens:,} tokens of valid.txt (file), or on {args.self_tokens:,} "
         "tokens the model sampled itself from its BOS token (self: no data); default settings (shared heads and their "

@@ -10,7 +10,6 @@ only uses the standard library: it never imports torch, so it cannot skew what t
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -18,16 +17,16 @@ import statistics
 import struct
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTION_START = "<!-- convert_speed:start -->"
-SECTION_END = "<!-- convert_speed:end -->"
+sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.common import PeakAnonymousRss, anonymous_rss_bytes, machine_description, write_markdown_section  # noqa: E402
+
+MARKERS = ("<!-- convert_speed:start -->", "<!-- convert_speed:end -->")
 RESULT_PREFIX = "RESULT "
 MB = 1_000_000  # decimal megabytes, the unit of transformers' max_shard_size="500MB"
 
@@ -88,35 +87,6 @@ def benchmark_cases(cast_dtype: str) -> list[Case]:
 
 def own_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes
-
-
-def anonymous_rss_bytes() -> int:
-    """Resident memory that is the process's own (RssAnon), as opposed to mapped file pages the kernel can drop."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakAnonymousRss:
-    """Samples RssAnon every 5 ms in a thread. ru_maxrss also counts mmapped file pages (safetensors loads shards
-    by mmap), so this tells how much of a peak is real allocations rather than the page cache mapped in."""
-
-    def __enter__(self):
-        self.peak = anonymous_rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, anonymous_rss_bytes())
-
-    def __exit__(self, *exc_info):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, anonymous_rss_bytes())
 
 
 def report(result: dict) -> None:
@@ -388,21 +358,6 @@ def results_table(cases: list[Case], import_runs: list[dict], runs: dict, source
     return "\n".join(lines)
 
 
-def machine_description() -> str:
-    cpu_model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )
-    mem_total_kb = next(
-        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
-    )
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("torch", "transformers", "safetensors"))
-    return (f"nproc {nproc}, {mem_total_kb * 1024 / 2**30:.1f} GiB RAM, CPU \"{cpu_model}\"; "
-            f"Python {platform.python_version()}, {versions}")
-
-
 def markdown_section(command: str, source: SourceInfo, repeats: int, table: str, load_check: dict | None) -> str:
     shards = len(source.shard_sizes)
     load_line = (
@@ -411,7 +366,6 @@ def markdown_section(command: str, source: SourceInfo, repeats: int, table: str,
         if load_check else None
     )
     return "\n".join(line for line in [
-        SECTION_START,
         "## `moh convert` speed and peak memory",
         "",
         f"- Command: `{command}` (from the repository root)",
@@ -434,19 +388,7 @@ def markdown_section(command: str, source: SourceInfo, repeats: int, table: str,
         load_line,
         "",
         table,
-        SECTION_END,
     ] if line is not None)
-
-
-def write_markdown_section(path: Path, section: str) -> None:
-    """Replace the text between the markers, or append the section; everything else in the file is kept."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(SECTION_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -494,7 +436,7 @@ def main() -> None:
     table = results_table(cases, import_runs, runs, source)
     print()
     print(table)
-    write_markdown_section(args.markdown, markdown_section(command, source, args.repeats, table, load_check))
+    write_markdown_section(args.markdown, MARKERS, markdown_section(command, source, args.repeats, table, load_check))
     print(f"\nWrote the convert_speed section of {args.markdown}")
 
 

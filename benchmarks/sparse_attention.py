@@ -20,12 +20,10 @@ import os
 # instead of 5 s), which measures the scheduler rather than the kernels. PASSIVE (threads sleep) is applied to
 # dense and MoH runs alike; set OMP_WAIT_POLICY yourself to override. Must be set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import platform
 import shlex
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,12 +34,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import moh_convert  # noqa: E402
+from benchmarks import common  # noqa: E402
 from transformers import AutoModelForCausalLM, AttentionInterface, AttentionMaskInterface, LlamaConfig  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
-SECTION_START = "<!-- sparse_attention:start -->"
-SECTION_END = "<!-- sparse_attention:end -->"
+MARKERS = ("<!-- sparse_attention:start -->", "<!-- sparse_attention:end -->")
 MB = 1_000_000
 # About 1B parameters with the brief's shape: 16 layers, hidden 2048, 32 query heads sharing 8 KV heads.
 BIG_CONFIG = dict(
@@ -54,33 +52,6 @@ BIG_ACTIVE_HEADS = 24  # 75%
 # ----------------------------------------------------------------------------------------------------------------
 # Measuring tools
 # ----------------------------------------------------------------------------------------------------------------
-
-def anonymous_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakExtraMemory:
-    """Peak RssAnon above its value at entry, sampled every 5 ms: the memory one call allocates (activations)."""
-
-    def __enter__(self):
-        self.start = self.peak = anonymous_rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, anonymous_rss())
-
-    def __exit__(self, *exc_info):
-        self._stop.set()
-        self._thread.join()
-        self.extra = max(self.peak, anonymous_rss()) - self.start
-
 
 # The dense model's attention kernel, timed: registered as its own implementation (sdpa's function and masks).
 ATTENTION_SECONDS = [0.0]
@@ -116,7 +87,7 @@ class Clock:
 def prefill_seconds(model, input_ids) -> tuple[Clock, int]:
     """Wall and CPU time of one prefill, and the extra memory it allocated."""
     gc.collect()
-    with torch.no_grad(), PeakExtraMemory() as memory, Clock() as clock:
+    with torch.no_grad(), common.PeakAnonymousRss() as memory, Clock() as clock:
         model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
     return clock, memory.extra
 
@@ -304,19 +275,12 @@ def tables(results) -> str:
 
 
 def machine_description() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    import transformers
-
-    return (f"nproc {os.cpu_count()}, torch {torch.__version__} with {torch.get_num_threads()} threads "
-            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), transformers {transformers.__version__}, "
-            f"CPU \"{cpu}\", Python {platform.python_version()}; load average at the start "
-            f"{os.getloadavg()[0]:.1f} (shared with other jobs)")
+    return (f"{common.machine_description()}; torch with {torch.get_num_threads()} threads "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
 
 
 def markdown_section(command, machine, started, settings, table) -> str:
     return "\n".join([
-        SECTION_START,
         "## Head-sparse attention: speed against the dense model",
         "",
         f"- Command: `{command}` (from the repository root)",
@@ -339,18 +303,7 @@ def markdown_section(command, machine, started, settings, table) -> str:
         "user waits.",
         "",
         table,
-        SECTION_END,
     ])
-
-
-def write_markdown_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(SECTION_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,7 +388,7 @@ def write_report(args, command, machine, started, results, big_note):
                 f"{args.decode_prompt}-token prompt, {args.decode_turns} turns of {args.decode_tokens_per_turn} tokens "
                 f"per model and repeat; training step on {args.train_length} tokens"
                 + big_note)
-    write_markdown_section(args.markdown, markdown_section(command, machine, started, settings, table))
+    common.write_markdown_section(args.markdown, MARKERS, markdown_section(command, machine, started, settings, table))
     print(f"\nWrote the sparse_attention section of {args.markdown}", flush=True)
 
 

@@ -18,7 +18,6 @@ between the train_recovery markers, with this command.
 import argparse
 import json
 import math
-import platform
 import shlex
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import common  # noqa: E402
 from benchmarks.calibration_quality import run_child, smollm2_source, write_section  # noqa: E402
 
 MARKERS = ("<!-- train_recovery:start -->", "<!-- train_recovery:end -->")
@@ -78,6 +78,7 @@ def main():
                         help="keep the converted models already in --work-dir (from an earlier run of this script)")
     parser.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
+    args.machine = common.machine_description()
 
     import moh_convert
 
@@ -151,14 +152,11 @@ def section_lines(rows: list[dict], args, calibration_seconds: float | None) -> 
     labels = {"dense": "dense SmolLM2-135M-Instruct (baseline)", "paper": "MoH 6/9, paper defaults (query-norm)",
               "calibrated": "MoH 6/9, calibrated on valid.txt"}
     command = "python benchmarks/train_recovery.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     lines = [
         "## Continue-tuning recovery on CPU (SmolLM2-135M-Instruct, 6 of 9 heads)",
         "",
         f"- Command: `{command.strip()}`",
-        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, {nproc} cores, no GPU "
-        f"(shared with other jobs: load average {load} at the end), float32",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {args.machine}; float32",
         f"- Budget: {args.budget_minutes:g} CPU minutes per model, turned into {rows[0]['steps']} optimizer steps of "
         f"{args.global_batch_tokens} tokens ({rows[0]['tokens']:,} tokens of WikiText-2 valid.txt, sequences of "
         f"{args.seq_len}, micro-batch {args.micro_batch_size}) by timing one forward+backward of the dense model; "

@@ -49,7 +49,7 @@ RIDGE = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
 OUTPUT_RIDGE = 1e-2  # pull of the refitted o_proj towards the original, relative to the mean diagonal of X^T X
 # A model's own samples at temperature 1 are easier text than real text; sampling a little hotter gives calibration
 # more varied activations (SmolLM2 6/9 'self': see the calibration table in BENCHMARKS.md).
-SELF_SAMPLING_TEMPERATURE = 1.2
+SELF_SAMPLING_TEMPERATURE = 1.1
 LM_HEAD_SLICE = 4096  # vocabulary rows of the LM head cast to float32 at a time for the held-out loss
 
 
