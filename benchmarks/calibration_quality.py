@@ -195,6 +195,8 @@ def write_section(path: Path, markers: tuple[str, str], lines: list[str]) -> Non
 
 
 def quality_lines(dense: float, rows: list, args) -> list[str]:
+    from moh_convert.calibrate import SELF_SAMPLING_TEMPERATURE, SELF_SAMPLING_TOP_P
+
     lines = [
         "## Calibrated conversion: quality, time, memory (SmolLM2-135M-Instruct)",
         "",
@@ -202,7 +204,8 @@ def quality_lines(dense: float, rows: list, args) -> list[str]:
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {args.machine}",
         "- Perplexity: exp(mean token loss) over the first 48 non-overlapping 512-token windows of WikiText-2 test.txt.",
         f"- Calibration: on the first {args.calibration_tokens:,} tokens of valid.txt (file), or on {args.self_tokens:,} "
-        "tokens the model sampled itself from its BOS token (self: no data); default settings (shared heads and their "
+        "tokens the model sampled itself from its BOS token (self: no data; temperature "
+        f"{SELF_SAMPLING_TEMPERATURE}, top-p {SELF_SAMPLING_TOP_P}); default settings (shared heads and their "
         "number chosen per layer, zero fallback). "
         "Paper recipe: first 4 heads shared, query-norm router, no calibration. Time and peak RSS are the calibration "
         "process's own (for self: including sampling the text).",

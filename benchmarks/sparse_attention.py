@@ -13,6 +13,7 @@ timing the dense model's attention kernel calls. Writes the `sparse_attention` s
 """
 import argparse
 import gc
+import inspect
 import os
 
 # The machine this runs on is usually shared. With OpenMP's default spinning wait policy, an oversubscribed machine
@@ -35,7 +36,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import moh_convert  # noqa: E402
 from benchmarks import common  # noqa: E402
-from transformers import AutoModelForCausalLM, AttentionInterface, AttentionMaskInterface, LlamaConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
@@ -105,6 +108,11 @@ def attention_share(model, input_ids) -> float:
         text_config._attn_implementation_internal = base
 
 
+# The KV cache's name in forward() and its outputs: `cache` from transformers 5.25 (`past_key_values` before, which
+# newer versions still accept with a deprecation warning).
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
 def interleaved_decode(models: dict, prompt, turns: int, tokens_per_turn: int) -> dict:
     """Greedy decoding with the KV cache after a prompt (the prefill is not timed), every model in turns of a few
     tokens, in an order rotated every turn; returns per-token Clocks, one per turn and model. A turn lasts a fraction
@@ -115,14 +123,14 @@ def interleaved_decode(models: dict, prompt, turns: int, tokens_per_turn: int) -
     with torch.no_grad():
         for key, model in models.items():
             output = model(input_ids=prompt, use_cache=True)
-            state[key] = (output.past_key_values, output.logits[:, -1:].argmax(-1))
+            state[key] = (getattr(output, CACHE), output.logits[:, -1:].argmax(-1))
         for turn in range(turns):
             for key in keys[turn % len(keys):] + keys[: turn % len(keys)]:
                 cache, next_token = state[key]
                 with Clock() as clock:
                     for _ in range(tokens_per_turn):
-                        output = models[key](input_ids=next_token, past_key_values=cache, use_cache=True)
-                        cache, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+                        output = models[key](input_ids=next_token, use_cache=True, **{CACHE: cache})
+                        cache, next_token = getattr(output, CACHE), output.logits[:, -1:].argmax(-1)
                 clock.wall, clock.cpu = clock.wall / tokens_per_turn, clock.cpu / tokens_per_turn
                 clocks[key].append(clock)
                 state[key] = (cache, next_token)

@@ -8,43 +8,27 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from .errors import MoHError
+from .evaluate import TaskRunOptions
 from .options import validate_options
 
 # Task documents are short; the cap only guards memory against an unusually long one.
 MAX_TOKENS = 1024
 
 
-class HeadsOptions(BaseModel):
+class HeadsOptions(TaskRunOptions):
     """Options of `moh heads` / `moh_convert.analysis.head_load()`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] | None = Field(
         None, description="Comma-separated lm-eval tasks, one panel each (default: the quick suite's tasks)."
     )
     layer: int | None = Field(None, description="Layer to plot; negative counts from the end (default: the last).")
     limit: int = Field(200, description="Documents per task.")
-    data_dir: str | None = Field(
-        None, description="Offline: folder of JSONL files in the field layout of the HF data sets (as for moh eval)."
-    )
     batch_size: int = Field(8, description="Documents per forward pass.")
     output: str = Field("heads.png", description="PNG to write; the per-layer data goes next to it as .json.")
-    device: str | None = Field(None, description="cpu, cuda, ... (default: cuda if available, else cpu).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto keeps the checkpoint's."
-    )
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def split_commas(cls, value):
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
 
 
 # ---------------------------------------------------------------------------------------------------- documents

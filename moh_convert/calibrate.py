@@ -50,6 +50,7 @@ OUTPUT_RIDGE = 1e-2  # pull of the refitted o_proj towards the original, relativ
 # A model's own samples at temperature 1 are easier text than real text; sampling a little hotter gives calibration
 # more varied activations (SmolLM2 6/9 'self': see the calibration table in BENCHMARKS.md).
 SELF_SAMPLING_TEMPERATURE = 1.1
+SELF_SAMPLING_TOP_P = 0.95
 LM_HEAD_SLICE = 4096  # vocabulary rows of the LM head cast to float32 at a time for the held-out loss
 
 
@@ -203,7 +204,8 @@ def sample_own_text(
     for start in tqdm(range(0, num_sequences, batch_size), desc="Sampling calibration text"):
         prompts = torch.full((min(batch_size, num_sequences - start), 1), start_token, dtype=torch.long)
         tokens = model.generate(
-            prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_p=0.95, temperature=SELF_SAMPLING_TEMPERATURE,
+            prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_p=SELF_SAMPLING_TOP_P,
+            temperature=SELF_SAMPLING_TEMPERATURE,
             max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=tokenizer.eos_token_id,
         )
         samples.append(tokens[:, :seq_len])
@@ -622,6 +624,10 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
                   "input" + ("; o_proj refitted by least squares to the dense output" if settings.refit_output_projection else ""),
         "output_projection_refit": bool(output_projections),
         "calibration_data": settings.calibration_data,
+        "self_sampling": (
+            {"temperature": SELF_SAMPLING_TEMPERATURE, "top_p": SELF_SAMPLING_TOP_P, "start": "BOS token"}
+            if settings.calibration_data == "self" else None
+        ),
         "calibration_tokens": int(calibration_windows.numel()),
         "heldout_tokens": int(heldout_windows.numel()),
         "seq_len": settings.calibration_seq_len,

@@ -31,10 +31,32 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPLIT_ROLES = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
-class EvalOptions(BaseModel):
-    """Options of `moh eval` / `moh_convert.evaluate.evaluate()`."""
+class TaskRunOptions(BaseModel):
+    """Options every command that runs a model over lm-eval tasks' documents shares (`moh eval`, `moh heads`)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] | None = Field(None, description="Comma-separated lm-eval task names.")
+    data_dir: str | None = Field(
+        None,
+        description="Offline: folder of JSONL files in the field layout of the HF data sets (e.g. ../shared/data/eval); "
+        "without it lm-eval downloads the data sets.",
+    )
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto keeps the checkpoint's."
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def split_commas(cls, value):
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+
+class EvalOptions(TaskRunOptions):
+    """Options of `moh eval` / `moh_convert.evaluate.evaluate()`."""
 
     baseline: str | None = Field(
         None, description="Dense model to compare with, usually the source of the conversion (Hub id, folder or .gguf)."
@@ -47,24 +69,8 @@ class EvalOptions(BaseModel):
         None, description="Few-shot examples for every task (default: the suite's count, else the task's own)."
     )
     limit: int | None = Field(None, description="Evaluate only the first N documents of each task.")
-    data_dir: str | None = Field(
-        None,
-        description="Offline: folder of JSONL files in the field layout of the HF data sets (e.g. ../shared/data/eval); "
-        "without it lm-eval downloads the data sets.",
-    )
     batch_size: int = Field(16, description="Sequences per forward pass.")
     output: str | None = Field(None, description="Folder for the results (default: ./eval-<model folder name>).")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype for evaluation; auto keeps the checkpoint's."
-    )
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def split_commas(cls, value):
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
 
 
 @dataclass(frozen=True)

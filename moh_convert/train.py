@@ -777,7 +777,10 @@ def train(recipe: str | Path | dict | TrainRecipe, overrides: list[str] = (), re
     if recipe.gradient_checkpointing:
         # Non-reentrant checkpointing keeps the graph from the router probabilities (recorded inside the
         # checkpointed layers) to the routing losses computed outside them.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = make_trainable(model, recipe, plan)
     router_logits = RouterLogits(routings) if plan.router_z_loss_coef > 0 else None
     optimizer = build_optimizer(model, recipe)

@@ -122,6 +122,7 @@ def test_self_generated_calibration_data(tiny_checkpoints, tmp_path):
     calibrate(out, calibration_data="self", calibration_tokens=256, calibration_seq_len=32, calibration_heldout_tokens=64)
     report = json.loads((out / "calibration_report.json").read_text())
     assert report["calibration_data"] == "self" and report["calibration_tokens"] == 256
+    assert report["self_sampling"]["temperature"] > 1.0  # a little hotter than the model: more varied activations
     assert report["output_projection_refit"] is False  # fitted to its own samples, the refit measured worse
     assert math.isfinite(report["heldout_perplexity"]["after"])
 

@@ -1,9 +1,11 @@
 """The head-sparse attention path (config.attention_path = "sparse") against the masked reference path: same logits on
 every supported family, with padding, batches, the KV cache (chunked prefill and token-by-token decoding), sliding
 windows and soft-capping; and it really computes only the selected (token, head) pairs."""
+import inspect
+
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 import moh_convert
 from moh_convert import MoHConfig
@@ -11,6 +13,9 @@ from moh_convert.modeling import modeling_moh
 from moh_convert.modeling.modeling_moh import MoHForCausalLM
 
 from .conftest import TINY_FAMILIES
+
+# The KV cache's keyword in forward(): `cache` from transformers 5.25, `past_key_values` before.
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 NUM_HEADS = 4
 SEQ = 20
@@ -103,7 +108,7 @@ def test_sparse_with_kv_cache_matches_masked_full_forward(model_type, converted_
         for start, end in steps:
             step_logits = model(
                 input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
-                position_ids=position_ids[:, start:end], past_key_values=cache, use_cache=True,
+                position_ids=position_ids[:, start:end], use_cache=True, **{CACHE: cache},
             ).logits
             # Real tokens only: what a padding query outputs depends on how many keys there are (eager spreads it
             # uniformly over all of them), so a 12-token prefill and a 20-token forward differ there on any path.

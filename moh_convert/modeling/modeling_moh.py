@@ -240,16 +240,18 @@ class MoHHeadRouting(nn.Module):
             and self.pending.has_inputs()
         )
 
-    def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[list, list]:
-        """Shared heads as [(kv_head, query heads)], routed heads as [(kv_head, positions among routed, query heads)]:
-        query heads that read the same key/value head (GQA) are computed together."""
+    def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[tuple | None, list]:
+        """Shared heads as (query heads, their key/value heads) or None; routed heads as [(kv_head, positions among
+        routed, query heads)]: routed query heads that read the same key/value head (GQA) are computed together."""
         key = ("kv-layout", group_size, device)
         if key not in self._index_cache:
-            shared, routed = [], []
+            shared_heads = sorted(self.shared_heads)
+            shared = (
+                torch.tensor(shared_heads, device=device),
+                torch.tensor([head // group_size for head in shared_heads], device=device),
+            ) if shared_heads else None
+            routed = []
             for kv_head in range(self.num_heads // group_size):
-                heads = [head for head in self.shared_heads if head // group_size == kv_head]
-                if heads:
-                    shared.append((kv_head, torch.tensor(heads, device=device)))
                 positions = [i for i, head in enumerate(self.routed_heads) if head // group_size == kv_head]
                 if positions:
                     routed_heads = [self.routed_heads[i] for i in positions]
@@ -393,8 +395,9 @@ def base_attention_function(module: nn.Module):
 
 
 def attend(query, key, value, mask, is_causal, scaling, softcap):
-    """Attention of query heads that share one key/value head. query [b, n, q, d]; key, value [b, 1, kv, d]; mask
-    None, boolean (True = attend) or additive float, broadcastable to [b, n, q, kv]. Returns [b, n, q, d]."""
+    """Attention of query heads over one shared key/value head, or over one each. query [b, n, q, d]; key, value
+    [b, 1 or n, kv, d]; mask None, boolean (True = attend) or additive float, broadcastable to [b, n, q, kv].
+    Returns [b, n, q, d]."""
     if is_causal and key.shape[2] > query.shape[2]:
         # No mask and more keys than queries: an empty static cache's unused slots (sdpa's upper-left convention).
         key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
@@ -477,10 +480,14 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
     # sdpa's convention: no mask means plain causal attention (several queries) or every key (one query).
     is_causal = attention_mask is None and q_len > 1
 
-    for kv_head, heads in shared_layout:
-        kv = slice(kv_head, kv_head + 1)
+    if shared_layout is not None:
+        # Every shared head in one kernel call, each with its own copy of its key/value head. The CPU kernel splits
+        # its work statically over (batch, head, query block); a causal call with one or two heads gives the thread
+        # holding the late query blocks most of the work while the other one waits.
+        heads, kv_heads = shared_layout
         shared_output = attend(
-            query.index_select(1, heads), key[:, kv], value[:, kv], attention_mask, is_causal, scaling, softcap
+            query.index_select(1, heads), key.index_select(1, kv_heads), value.index_select(1, kv_heads),
+            attention_mask, is_causal, scaling, softcap,
         )
         output[:, :, heads] = shared_output.transpose(1, 2)
 
@@ -698,18 +705,18 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         logits_to_keep=0,
         **kwargs,
     ):
+        # The cache travels in kwargs under whichever name this transformers version uses (`cache` from 5.25,
+        # `past_key_values` before): naming one here would pass both, or pass a deprecated one.
         outputs = self.source_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
