@@ -19,13 +19,14 @@ CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parame
 
 NUM_HEADS = 4
 SEQ = 20
-# Small blocks so that 20 tokens span several blocks of routed queries (the real minimum is 64 positions).
-TEST_BLOCK = 4
+# Small chunks so that the routed rows of 20 tokens make several kernel calls, and chunks that end and start inside
+# one token's rows (GQA: several routed heads read one key/value head).
+TEST_ROWS_PER_CALL = 3
 
 
 @pytest.fixture(autouse=True)
-def small_query_blocks(monkeypatch):
-    monkeypatch.setattr(modeling_moh, "MIN_ROUTED_QUERY_BLOCK", TEST_BLOCK)
+def small_routed_chunks(monkeypatch):
+    monkeypatch.setattr(modeling_moh, "ROUTED_ROWS_PER_CALL", TEST_ROWS_PER_CALL)
 
 
 @pytest.fixture(scope="module")
