@@ -305,7 +305,7 @@ def markdown_section(command, machine, started, settings, table) -> str:
         "proportion to the active heads and nothing else changed: `ideal = dense × (1 − a + a × active/heads)`, where "
         "`a` is the share of the dense prefill spent inside the attention kernel, measured in the same run by timing "
         "every attention-kernel call of one dense prefill per length (CPU time). `÷ ideal` above 1 is the overhead of the "
-        "sparse path (routing, gathering rows, per-block kernel calls, causal waste in the last block); below 1 is "
+        "sparse path (routing, gathering rows, per-chunk kernel calls, causal waste in each chunk's own span); below 1 is "
         "measurement noise or a saving outside attention. CPU time is the process's own (both threads): the steadier "
         "measure on a shared machine, since it leaves out the time other jobs held the cores; wall time is what a "
         "user waits.",
