@@ -208,6 +208,8 @@ def ensure_source_checkpoint(work_dir: Path) -> SourceInfo:
 # ----------------------------------------------------------------------------------------------------------------
 
 def safetensors_header(path: Path) -> dict:
+    # Not moh_convert.safetensors_stream's reader: this parent process stays free of torch (importing the package
+    # loads it) so that its memory and start-up time are not counted against the timed children.
     with open(path, "rb") as handle:
         (header_size,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(header_size))

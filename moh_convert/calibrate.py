@@ -230,7 +230,7 @@ class ShardedWeights:
         for file in files:
             data_start, header = read_safetensors_header(folder / file)
             self.headers[file] = (data_start, header)
-            self.weight_map.update({name: file for name in header if name != "__metadata__"})
+            self.weight_map.update({name: file for name in header})
 
     def get(self, name: str) -> torch.Tensor:
         from .safetensors_stream import read_safetensors_tensor

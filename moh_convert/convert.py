@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,7 @@ from .model_card import write_model_card
 from .modeling.configuration_moh import MoHConfig
 from .modeling.modeling_moh import MoHHeadRouting
 from .options import validate_options
-from .safetensors_stream import SAFETENSORS_DTYPES, write_safetensors_streaming
+from .safetensors_stream import SAFETENSORS_DTYPES, read_safetensors_header, write_safetensors_streaming
 from .sources import SourceCheckpoint, resolve_source
 
 MODELING_DIR = Path(__file__).parent / "modeling"
@@ -165,10 +164,8 @@ def router_tensors(config: MoHConfig) -> dict[str, torch.Tensor]:
 
 def safetensors_data_size(path: Path) -> int:
     """Bytes of tensor data in a safetensors file, read from its header (no tensor is loaded)."""
-    with open(path, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-    return sum(end - start for name, info in header.items() if name != "__metadata__" for start, end in [info["data_offsets"]])
+    _, header = read_safetensors_header(path)
+    return sum(end - start for info in header.values() for start, end in [info["data_offsets"]])
 
 
 def write_weights(

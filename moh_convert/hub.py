@@ -6,7 +6,6 @@ where moh_convert cannot be imported, which is how the people who download it wi
 import importlib
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import MoHError
 from .model_card import CARD_NAME, load_evaluation, read_model_card, read_moh_config, render_updated_card
 from .options import validate_options
+from .safetensors_stream import read_safetensors_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
@@ -341,30 +341,6 @@ def check_modeling_code(folder: Path, auto_map: dict) -> None:
         pending.extend(f"{module}.py" for module in get_relative_imports(str(folder / file_name)))
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Tensor name -> header entry, read without loading tensors; a damaged or truncated file is a MoHError."""
-    file_size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise MoHError(f"weights file {path.name} is empty or truncated; re-run `moh convert`")
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > file_size - 8:
-            raise MoHError(f"weights file {path.name} is truncated or not a safetensors file; re-run `moh convert`")
-        try:
-            header = json.loads(handle.read(header_size))
-        except ValueError:
-            raise MoHError(f"weights file {path.name} has a damaged header; re-run `moh convert`") from None
-    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-    data_size = max((info["data_offsets"][1] for info in tensors.values()), default=0)
-    if 8 + header_size + data_size > file_size:
-        raise MoHError(
-            f"weights file {path.name} is truncated: its header needs {8 + header_size + data_size:,} bytes, "
-            f"the file has {file_size:,}; re-run `moh convert`"
-        )
-    return tensors
-
-
 def read_weight_index(path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
@@ -394,7 +370,7 @@ def check_weights(folder: Path) -> None:
             raise MoHError(
                 f"{INDEX_NAME} is missing, so weights file(s) {some_names(unused)} would not be loaded; re-run `moh convert`"
             )
-        read_safetensors_header(folder / SINGLE_WEIGHTS_NAME)
+        read_safetensors_header(folder / SINGLE_WEIGHTS_NAME)  # raises on a damaged file
         return
     weight_map = read_weight_index(index_path)
     listed_shards = set(weight_map.values())
@@ -405,7 +381,7 @@ def check_weights(folder: Path) -> None:
     unlisted_shards = shard_names - listed_shards
     if unlisted_shards:
         raise MoHError(f"weights file(s) {some_names(unlisted_shards)} are not listed in {INDEX_NAME}")
-    tensors_in_shard = {shard: set(read_safetensors_header(folder / shard)) for shard in sorted(listed_shards)}
+    tensors_in_shard = {shard: set(read_safetensors_header(folder / shard)[1]) for shard in sorted(listed_shards)}
     for shard, in_header in tensors_in_shard.items():
         in_index = {name for name, file_name in weight_map.items() if file_name == shard}
         if in_index - in_header:

@@ -6,6 +6,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .errors import MoHError
+
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -15,10 +17,28 @@ TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
-    """(offset of the tensor data, header: name -> {dtype, shape, data_offsets}) of a safetensors file."""
+    """(offset of the tensor data, tensors: name -> {dtype, shape, data_offsets}) of a safetensors file, read without
+    loading tensors ("__metadata__" left out). An empty, truncated or damaged file is a MoHError naming it."""
+    file_size = path.stat().st_size
     with open(path, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        return 8 + header_size, json.loads(handle.read(header_size))
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise MoHError(f"weights file {path.name} is empty or truncated; re-run `moh convert`")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > file_size - 8:
+            raise MoHError(f"weights file {path.name} is truncated or not a safetensors file; re-run `moh convert`")
+        try:
+            header = json.loads(handle.read(header_size))
+        except ValueError:
+            raise MoHError(f"weights file {path.name} has a damaged header; re-run `moh convert`") from None
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    data_size = max((info["data_offsets"][1] for info in tensors.values()), default=0)
+    if 8 + header_size + data_size > file_size:
+        raise MoHError(
+            f"weights file {path.name} is truncated: its header needs {8 + header_size + data_size:,} bytes, "
+            f"the file has {file_size:,}; re-run `moh convert`"
+        )
+    return 8 + header_size, tensors
 
 
 def read_safetensors_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
