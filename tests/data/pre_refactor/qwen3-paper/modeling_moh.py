@@ -1,0 +1,724 @@
+# Mixture-of-Head (MoH) attention around an unchanged source decoder architecture.
+#
+# This file is copied into every converted model folder next to `configuration_moh.py` and imports only torch
+# and transformers, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works anywhere.
+#
+# How it works. Multi-head attention ends in o_proj(concat_i H_i); MoH weights each head's output per token:
+# o_proj(concat_i g_i(x_t) H_i), with g_i = 0 for heads the token did not select (MOH paper, eq. 3). So the
+# source model is built as it is (same classes, same tensor names) and each attention block gets:
+#   * `self_attn.moh.router`: scores the routed heads of every token (from the block input or from the queries,
+#     which a hook on the block or on q_proj keeps for it);
+#   * the gates, applied to the heads' outputs before o_proj, in one of two ways (`config.attention_path`):
+#     - "masked": the source attention kernel computes every head; a forward pre-hook on o_proj zeroes unselected
+#       heads. Works with every kernel (eager, sdpa, flash attention) and is the reference.
+#     - "sparse" (default at inference): the attention kernel is swapped, through transformers' AttentionInterface
+#       registry, for `moh_attention_forward`. It routes first, then computes shared heads for all tokens and each
+#       routed head only for the tokens that selected it, so scores and values of unselected (token, head) pairs are
+#       never computed. Where that cannot work or is not cheaper (training: the straight-through gradient needs every
+#       head; decoding one token), it runs the source kernel and gates its output itself, so this path needs no o_proj
+#       hook. The family's own forward still does the projections, q/k norms, rotary embeddings and the KV cache, so
+#       every supported family works unchanged.
+import math
+import sys
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .configuration_moh import ATTENTION_PATHS, MoHConfig
+
+
+class QueryNormRouter(nn.Module):
+    """The paper's parameter-free router for converted models: the score of a routed head is the L2 norm of its
+    query vector, divided by the standard deviation across routed heads, then softmax."""
+
+    uses_query = True
+
+    def __init__(self, config: MoHConfig, layer_idx: int, hidden_size: int):
+        super().__init__()
+        self.num_routed = len(config.routed_heads(layer_idx))
+
+    def forward(self, hidden_states: torch.Tensor, routed_queries: torch.Tensor) -> torch.Tensor:
+        # routed_queries: [batch, seq, num_routed, head_dim] -> probabilities [batch, seq, num_routed]
+        norms = routed_queries.float().norm(dim=-1)
+        if self.num_routed > 1:
+            norms = norms / norms.std(dim=-1, keepdim=True).clamp_min(1e-6)
+        return norms.softmax(dim=-1)
+
+
+class RouterProjection(nn.Linear):
+    """A linear layer of a learned router. Zero-initialised: an untrained router routes uniformly."""
+
+
+class LearnedRouter(nn.Module):
+    """A linear router on the attention block's input (the paper's W_r). For `two-stage` gates it also has the
+    shared-head weights W_s and the shared/routed balance W_h. Zero-initialised, so an untrained router routes
+    uniformly and two-stage gates start at exactly the dense scale."""
+
+    uses_query = False
+
+    def __init__(self, config: MoHConfig, layer_idx: int, hidden_size: int):
+        super().__init__()
+        num_shared = len(config.shared_heads[layer_idx])
+        num_routed = len(config.routed_heads(layer_idx))
+        self.routed_proj = RouterProjection(hidden_size, num_routed, bias=config.router_bias)
+        if config.gate_mode == "two-stage":
+            self.shared_proj = RouterProjection(hidden_size, num_shared, bias=config.router_bias)
+            self.stage_proj = RouterProjection(hidden_size, 2, bias=config.router_bias)
+
+    def forward(self, hidden_states: torch.Tensor, routed_queries: torch.Tensor | None = None) -> torch.Tensor:
+        return self.routed_proj(hidden_states).float().softmax(dim=-1)
+
+
+ROUTER_CLASSES = {"query-norm": QueryNormRouter, "learned": LearnedRouter}
+
+
+class PendingRoutingInputs:
+    """What the hooks of one attention forward hand to the kernel and the o_proj pre-hook: the block input (learned
+    routers), the queries (query-norm router) and, once the sparse kernel has routed, (gates, routed_mask). A plain
+    object rather than attributes of the nn.Module: every tensor assigned to a module attribute goes through
+    `nn.Module.__setattr__`'s registry checks, which shows when decoding one token at a time."""
+
+    __slots__ = ("hidden_states", "queries", "routing")
+
+    def __init__(self):
+        self.hidden_states: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def has_inputs(self) -> bool:
+        return self.hidden_states is not None or self.queries is not None
+
+
+class MoHHeadRouting(nn.Module):
+    """Everything MoH adds to one attention block. Registered as `self_attn.moh` (its tensors are stored as
+    `...self_attn.moh.router.*`). It turns router probabilities into per-head gates [batch, seq, num_heads, 1]
+    (the trailing 1 broadcasts over head_dim)."""
+
+    def __init__(self, config: MoHConfig, layer_idx: int, hidden_size: int, head_dim: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.shared_heads = list(config.shared_heads[layer_idx])
+        self.routed_heads = config.routed_heads(layer_idx)
+        self.routed_top_k = config.layer_top_k(layer_idx)
+        self.gate_mode = config.gate_mode
+        self.router = ROUTER_CLASSES[config.router](config, layer_idx, hidden_size)
+        self.router_uses_query = self.router.uses_query  # a plain attribute: read per token when decoding
+        # What an unselected head outputs instead of its attention result (zeros unless calibrated).
+        self.head_fallback = nn.Parameter(torch.zeros(self.num_heads, head_dim)) if config.head_fallback else None
+        # Every head on with binary gates is exactly the dense model: skip routing altogether.
+        self.is_dense = self.gate_mode == "binary" and self.routed_top_k == len(self.routed_heads)
+        # When True (set by training and analysis code), the last routing is kept for losses and statistics.
+        self.record_routing = False
+        self.last_router_probs: torch.Tensor | None = None  # [batch, seq, num_routed]
+        self.last_routed_mask: torch.Tensor | None = None  # [batch, seq, num_routed], 1 where selected
+        # Filled by hooks during one attention forward, consumed by the o_proj pre-hook.
+        self.pending = PendingRoutingInputs()
+        self._index_cache: dict = {}
+        self._fallback_checked: tuple | None = None  # (parameter, its version, any non-zero): see fallback_in_use
+        # The masked path's o_proj pre-hook, installed by `attach_head_routing` (None while the sparse path gates).
+        self.output_gate_handle = None
+
+    def _head_index(self, which: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (which, device, dtype)
+        if key not in self._index_cache:
+            if which == "shared-ones":  # [num_heads, 1]: 1 at shared heads, 0 at routed heads
+                ones = torch.zeros(self.num_heads, 1, device=device, dtype=dtype)
+                self._index_cache[key] = ones.index_fill_(0, self._head_index("shared", device), 1.0)
+            elif which == "shared-exclusion":  # float32 [num_heads, 1]: -inf at shared heads, 0 at routed heads
+                exclusion = torch.zeros(self.num_heads, 1, device=device)
+                self._index_cache[key] = exclusion.index_fill_(0, self._head_index("shared", device), -math.inf)
+            elif which == "shared-protection":  # float32 [num_heads]: +inf at shared heads, 0 at routed heads
+                protection = torch.zeros(self.num_heads, device=device)
+                self._index_cache[key] = protection.index_fill_(0, self._head_index("shared", device), math.inf)
+            else:
+                heads = self.shared_heads if which == "shared" else self.routed_heads
+                self._index_cache[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._index_cache[key]
+
+    def _head_rows(self, which: str, head_dim: int, device: torch.device) -> torch.Tensor:
+        """[heads, head_dim] long: row j holds the id of head j ("all") or of the j-th routed head ("routed"), so
+        that an embedding lookup turns head ids or routed positions into a scatter index over head_dim."""
+        key = ("rows", which, head_dim, device)
+        if key not in self._index_cache:
+            heads = list(range(self.num_heads)) if which == "all" else self.routed_heads
+            self._index_cache[key] = torch.tensor(heads, device=device).unsqueeze(1).repeat(1, head_dim)
+        return self._index_cache[key]
+
+    def head_gates(self, hidden_states: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
+        """hidden_states: attention block input [batch, seq, hidden]; queries: [batch, seq, num_heads, head_dim]
+        (only for routers that use them). Returns gates [batch, seq, num_heads, 1] (float32, or the model's dtype
+        for binary gates at inference) and the routed mask [batch, seq, num_routed] (None from the inference fast
+        path: see `routed_part`)."""
+        if self.gate_mode == "binary" and not self.training and not self.record_routing:
+            return self.binary_gates_for_inference(hidden_states, queries), None
+        device = (queries if queries is not None else hidden_states).device
+        routed_index = self._head_index("routed", device)
+        shared_index = self._head_index("shared", device)
+        routed_queries = queries.index_select(2, routed_index) if queries is not None else None
+        probs = self.router(hidden_states, routed_queries)  # [batch, seq, num_routed]
+
+        top_k_index = probs.topk(self.routed_top_k, dim=-1).indices
+        routed_mask = torch.zeros_like(probs).scatter_(-1, top_k_index, 1.0)
+
+        if self.record_routing or self.training:
+            self.last_router_probs = probs
+            self.last_routed_mask = routed_mask
+        if self.gate_mode == "binary":
+            # Straight-through estimator: forward value is the 0/1 mask, gradient is the soft score's.
+            routed_gates = routed_mask + probs - probs.detach() if self.training else routed_mask
+            shared_gates = probs.new_ones(*probs.shape[:-1], len(self.shared_heads))
+        elif self.gate_mode == "softmax":
+            routed_gates = routed_mask * probs
+            shared_gates = probs.new_ones(*probs.shape[:-1], len(self.shared_heads))
+        else:  # two-stage, rescaled so that uniform routing gives gates of 1 (dense output scale)
+            stage = self.router.stage_proj(hidden_states).float().softmax(dim=-1) * 2.0
+            selected = routed_mask * probs
+            routed_gates = selected / selected.sum(-1, keepdim=True).clamp_min(1e-9) * self.routed_top_k
+            routed_gates = routed_gates * stage[..., 1:2]
+            shared_probs = self.router.shared_proj(hidden_states).float().softmax(dim=-1)
+            shared_gates = shared_probs * len(self.shared_heads) * stage[..., 0:1]
+
+        gates = probs.new_zeros(*probs.shape[:-1], self.num_heads)
+        gates = gates.index_copy(-1, routed_index, routed_gates)
+        gates = gates.index_copy(-1, shared_index, shared_gates)
+        return gates.unsqueeze(-1), routed_mask
+
+    def binary_gates_for_inference(self, hidden_states: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
+        """0/1 gates [batch, seq, num_heads, 1] in the model's dtype, without router probabilities. Which heads win
+        depends only on the order of the router's scores, and the router's normalisations (std scaling, softmax)
+        keep that order, so the raw scores pick the same top-K with about half the small ops (each costs Python and
+        dispatch time on every layer of every decoded token). Training and recording keep `head_gates`' full path
+        (they need the probabilities)."""
+        if self.router_uses_query:
+            # Scores over all heads with the shared ones at -inf: top-K yields head ids directly.
+            norms = torch.linalg.vector_norm(queries, dim=-1, keepdim=True, dtype=torch.float32)
+            scores = norms + self._head_index("shared-exclusion", queries.device)
+            selected_heads = scores.topk(self.routed_top_k, dim=-2).indices  # [batch, seq, top_k, 1]
+            dtype = queries.dtype
+        else:
+            logits = self.router.routed_proj(hidden_states)
+            selected = logits.topk(self.routed_top_k, dim=-1).indices
+            selected_heads = self._head_index("routed", hidden_states.device).take(selected).unsqueeze(-1)
+            dtype = hidden_states.dtype
+        shared_ones = self._head_index("shared-ones", selected_heads.device, dtype)
+        return shared_ones.expand(*selected_heads.shape[:-2], self.num_heads, 1).scatter(-2, selected_heads, 1.0)
+
+    def routed_part(self, gates: torch.Tensor, routed_mask: torch.Tensor | None) -> torch.Tensor:
+        """The routed mask [batch, seq, num_routed]; binary gates at inference hold it in their routed columns."""
+        if routed_mask is not None:
+            return routed_mask
+        return gates.squeeze(-1).index_select(-1, self._head_index("routed", gates.device))
+
+    def route_pending_inputs(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Route with the block input and queries the hooks kept during this attention forward."""
+        pending = self.pending
+        hidden_states, queries = pending.hidden_states, pending.queries
+        pending.hidden_states = pending.queries = None
+        if queries is not None:
+            queries = queries.view(batch, seq, self.num_heads, -1)
+        return self.head_gates(hidden_states, queries)
+
+    def can_skip_heads(self, query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+        """Whether the sparse kernel may run for this attention call (else the source kernel computes every head).
+        Training needs every head (straight-through gradient); one query token (decoding) is cheapest as one dense
+        kernel call over all heads, the masked path; paged caches and attention-weight outputs are the source
+        kernel's business."""
+        return (
+            not self.training
+            and not self.is_dense
+            and dropout == 0.0
+            and query.shape[2] > 1
+            and kwargs.get("cache") is None
+            and not kwargs.get("output_attentions", False)
+            and self.pending.has_inputs()
+        )
+
+    def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[tuple | None, list]:
+        """Shared heads as (query heads, their key/value heads) or None; routed heads as [(kv_head, positions among
+        routed, query heads)]: routed query heads that read the same key/value head (GQA) are computed together."""
+        key = ("kv-layout", group_size, device)
+        if key not in self._index_cache:
+            shared_heads = sorted(self.shared_heads)
+            shared = (
+                torch.tensor(shared_heads, device=device),
+                torch.tensor([head // group_size for head in shared_heads], device=device),
+            ) if shared_heads else None
+            routed = []
+            for kv_head in range(self.num_heads // group_size):
+                positions = [i for i, head in enumerate(self.routed_heads) if head // group_size == kv_head]
+                if positions:
+                    routed_heads = [self.routed_heads[i] for i in positions]
+                    routed.append((kv_head, torch.tensor(positions, device=device), torch.tensor(routed_heads, device=device)))
+            self._index_cache[key] = (shared, routed)
+        return self._index_cache[key]
+
+    def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        """The attention function of the sparse path (see `moh_attention_forward`), gates included: it returns the
+        gated heads, so this path runs without the masked path's o_proj hook. Routes first and computes only the
+        selected (token, head) pairs where that is possible and cheaper; elsewhere (decoding, training, ...) the
+        source kernel computes every head and the gates are applied to its output."""
+        if not self.can_skip_heads(query, dropout, kwargs):
+            output, weights = base_attention_function(module)(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+            return self.gate_heads(output), weights
+        batch, _, q_len, head_dim = query.shape
+        gates, routed_mask = self.route_pending_inputs(batch, q_len)
+        routed_mask = self.routed_part(gates, routed_mask)
+        scaling = head_dim**-0.5 if scaling is None else scaling
+        output = head_sparse_attention(
+            self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask
+        )
+        # The kernel left unselected (token, head) pairs at zero and binary gates are 1 elsewhere: nothing else to do
+        # unless gates are weights or skipped heads output a fallback.
+        if self.gate_mode != "binary" or self.fallback_in_use():
+            output = self.gate_head_outputs(output, gates, routed_mask)
+        return output, None
+
+    def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """The masked path's o_proj pre-hook: attn_output is o_proj's input [batch, seq, num_heads * head_dim]."""
+        batch, seq = attn_output.shape[:2]
+        return self.gate_heads(attn_output.view(batch, seq, self.num_heads, -1)).view_as(attn_output)
+
+    def gate_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """per_head: every head's attention output [batch, seq, num_heads, head_dim]; returns it gated (routing with
+        the inputs the hooks kept during this attention forward)."""
+        pending = self.pending
+        if self.is_dense and not self.record_routing:
+            pending.hidden_states = pending.queries = None
+            return per_head
+        if self.gate_mode == "binary" and not self.training and not self.record_routing:
+            hidden_states, queries = pending.hidden_states, pending.queries
+            pending.hidden_states = pending.queries = None
+            if queries is not None:
+                queries = queries.view(*per_head.shape[:2], self.num_heads, -1)
+            return self.drop_unselected_heads(per_head, hidden_states, queries)
+        gates, routed_mask = self.route_pending_inputs(*per_head.shape[:2])
+        if self.is_dense:  # recording statistics only: leave the output bit-exact
+            return per_head
+        return self.gate_head_outputs(per_head, gates, routed_mask)
+
+    def drop_unselected_heads(self, per_head: torch.Tensor, hidden_states, queries) -> torch.Tensor:
+        """Inference with binary gates over every head's output per_head [batch, seq, num_heads, head_dim]: the
+        routed heads a token did not select are overwritten with zero (or their fallback). The losers are the
+        lowest raw router scores (query norms with the shared heads at +inf, or learned logits): the router's
+        normalisations keep the order, so they are the same heads as the probabilities'. Every tensor op here costs
+        ~10 us when decoding one token (cold caches between the weight-bound matrix products), on every layer, so
+        this takes four or five of them where building and applying gates takes about ten."""
+        num_dropped = len(self.routed_heads) - self.routed_top_k
+        head_dim = per_head.shape[-1]
+        if self.router_uses_query:
+            norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32)  # [batch, seq, num_heads]
+            scores = norms + self._head_index("shared-protection", queries.device)
+            dropped = scores.topk(num_dropped, dim=-1, largest=False).indices  # head ids
+            head_rows = self._head_rows("all", head_dim, queries.device)
+        else:
+            projection = self.router.routed_proj
+            logits = F.linear(hidden_states, projection.weight, projection.bias)  # skips the module call
+            dropped = logits.topk(num_dropped, dim=-1, largest=False).indices  # positions among the routed heads
+            head_rows = self._head_rows("routed", head_dim, hidden_states.device)
+        # [batch, seq, num_dropped, head_dim]: each dropped head's id, repeated along head_dim (scatter's index)
+        index = F.embedding(dropped, head_rows)
+        if not self.fallback_in_use():
+            replacement = 0.0
+        elif self.router_uses_query:
+            replacement = F.embedding(dropped, self.head_fallback).to(per_head.dtype)
+        else:
+            routed_fallback = self.head_fallback.index_select(0, self._head_index("routed", per_head.device))
+            replacement = F.embedding(dropped, routed_fallback).to(per_head.dtype)
+        # In place unless autograd is recording (the kernel may have saved this very tensor for its backward).
+        if torch.is_grad_enabled():
+            return per_head.scatter(2, index, replacement)
+        return per_head.scatter_(2, index, replacement)
+
+    def gate_head_outputs(
+        self, per_head: torch.Tensor, gates: torch.Tensor, routed_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """per_head [batch, seq, num_heads, head_dim] times gates [batch, seq, num_heads, 1], plus the fallback of
+        skipped routed heads."""
+        gated = per_head * gates.to(per_head.dtype)
+        if self.fallback_in_use():
+            # Routed heads the token skipped output their stored mean instead of zero.
+            skipped = (1.0 - self.routed_part(gates, routed_mask)).to(per_head.dtype).unsqueeze(-1)
+            routed_index = self._head_index("routed", per_head.device)
+            fallback = skipped * self.head_fallback.index_select(0, routed_index).to(per_head.dtype)
+            gated = gated.index_add(2, routed_index, fallback)
+        return gated
+
+    def fallback_in_use(self) -> bool:
+        """Whether skipped heads output anything but zero. Calibration with the zero fallback stores zeros; they are
+        checked once (again only when the parameter is replaced or changed in place, which bumps its version), so
+        such models skip the fallback's ops on every token."""
+        fallback = self.head_fallback
+        if fallback is None:
+            return False
+        checked = self._fallback_checked
+        if checked is None or checked[0] is not fallback or checked[1] != fallback._version:
+            checked = self._fallback_checked = (fallback, fallback._version, bool(fallback.detach().any()))
+        return checked[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head-sparse attention kernel ("sparse" attention path)
+# ----------------------------------------------------------------------------------------------------------------
+
+# A model whose text_config._attn_implementation is "moh_sparse_<base>" runs `moh_attention_forward`, with the
+# attention masks of <base> ("sdpa": boolean or None, "eager": additive float). Flash-attention bases keep the masked
+# path: their masks are not per-query matrices the sparse kernel could cut rows from.
+SPARSE_ATTENTION_PREFIX = "moh_sparse_"
+SPARSE_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+# Routed queries are processed in chunks of this many (token, head) rows, sorted by token: one chunk attends the keys
+# before its first token unmasked and its own span of tokens under a causal mask, so each row wastes at most one
+# chunk's span of scores while every chunk costs two kernel calls and a merge. 384 rows is six of the CPU kernel's
+# 64-row query splits (it uses them from 192 rows on), an even share for 2 threads; measured on SmolLM2-135M at 4096
+# tokens, 384 beat 128, 256, 512 and 1024 rows.
+ROUTED_ROWS_PER_CALL = 384
+
+
+def base_attention_function(module: nn.Module):
+    """The attention kernel the source model would use: sdpa from the registry, or the family's own eager function
+    (gemma2's applies logit soft-capping)."""
+    name = module.config._attn_implementation.removeprefix(SPARSE_ATTENTION_PREFIX)
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def attend(query, key, value, mask, is_causal, scaling, softcap):
+    """Attention of query heads over one shared key/value head, or over one each. query [b, n, q, d]; key, value
+    [b, 1 or n, kv, d]; mask None, boolean (True = attend) or additive float, broadcastable to [b, n, q, kv].
+    Returns [b, n, q, d]."""
+    if is_causal and key.shape[2] > query.shape[2]:
+        # No mask and more keys than queries: an empty static cache's unused slots (sdpa's upper-left convention).
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] > 1
+        )
+    # Logit soft-capping (gemma2) has no SDPA kernel: the eager computation, as the family's own eager function.
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    min_value = torch.finfo(scores.dtype).min
+    if is_causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, min_value)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, min_value) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value)
+
+
+# The CPU flash-attention kernel also returns each query's log-sum-exp, which lets two partial attentions over
+# disjoint key ranges be merged exactly (used for routed chunks, see attend_causal_rows).
+FLASH_ATTENTION_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attend_causal_rows(rows, tokens, key, value, first, last, positions, scaling, softcap):
+    """Causal attention of query rows [m, d] at sorted positions `tokens` (no model mask), whose tokens lie in
+    [first, last): every key before `first` is visible to all of them, keys in [first, last) only up to each row's
+    own token. key, value: [1, 1, kv, d]; positions: arange over the keys. Returns [m, d]."""
+    query = rows[None, None]
+    min_value = torch.finfo(rows.dtype).min
+    # Additive mask of the chunk's own span: min_value where the key lies after the row's token.
+    span_mask = (positions[first:last][None, :] > tokens[:, None]).to(rows.dtype).mul_(min_value)
+    if FLASH_ATTENTION_WITH_LSE is not None and softcap is None and first > 0 and rows.device.type == "cpu":
+        # Two kernel calls merged by their log-sum-exp: the long prefix runs unmasked (an additive mask costs the
+        # CPU kernel 20-30% more), only the short span carries a mask. The prefix's share of the softmax
+        # mass is sigmoid(lse_prefix - lse_span), so the merge is one lerp.
+        prefix, prefix_lse = FLASH_ATTENTION_WITH_LSE(query, key[:, :, :first], value[:, :, :first], scale=scaling)
+        span, span_lse = FLASH_ATTENTION_WITH_LSE(
+            query, key[:, :, first:last], value[:, :, first:last], attn_mask=span_mask[None, None], scale=scaling
+        )
+        prefix_share = torch.sigmoid(prefix_lse - span_lse).unsqueeze(-1)
+        return torch.lerp(span[0, 0].float(), prefix[0, 0].float(), prefix_share[0, 0]).to(rows.dtype)
+    mask = F.pad(span_mask, (first, 0))
+    return attend(query, key[:, :, :last], value[:, :, :last], mask[None, None], False, scaling, softcap)[0, 0]
+
+
+def masked_block_rows(attention_mask, batch_row, tokens, dtype):
+    """The model's mask rows for the selected query `tokens` of one chunk (padding, sliding window and cache offsets
+    are all in it), cut to the key range [lo, hi) that any of them may attend. Returns (mask, lo, hi)."""
+    rows = attention_mask[batch_row, 0].index_select(0, tokens)  # [m, kv]
+    min_value = torch.finfo(dtype).min
+    allowed = rows if rows.dtype == torch.bool else rows > min_value / 2
+    if not allowed.any(dim=1).all():
+        # A query that attends nothing (left padding): keep every key and the model's own mask, so the kernel does
+        # what the source kernel does with such a row (sdpa: zeros; eager: uniform weights).
+        return rows, 0, rows.shape[1]
+    columns = allowed.any(dim=0).nonzero()
+    lo, hi = columns[0, 0].item(), columns[-1, 0].item() + 1
+    if rows.dtype == torch.bool:  # additive, as SDPA converts boolean masks anyway
+        additive = torch.zeros((rows.shape[0], hi - lo), dtype=dtype, device=rows.device)
+        return additive.masked_fill_(~rows[:, lo:hi], min_value), lo, hi
+    return rows[:, lo:hi], lo, hi
+
+
+def head_sparse_attention(routing, query, key, value, attention_mask, scaling, softcap, routed_mask):
+    """Attention of the shared heads for every token and of each routed head for the tokens that selected it.
+
+    query [b, heads, q, d]; key, value [b, kv_heads, kv, d] (after the cache update); routed_mask [b, q, routed]
+    (1 where selected). Returns [b, q, heads, d] with zeros for unselected (token, head) pairs.
+    Routed heads use a "varying number of queries per head" layout: per batch row and key/value head, the selected
+    (token, head) pairs of all routed heads reading that key/value head are gathered as query rows (sorted by
+    position) and cut into chunks of ROUTED_ROWS_PER_CALL rows; each chunk attends the keys up to its last token,
+    causally (mask built from positions) or under rows cut from the model's mask (padding, sliding windows, cache
+    offsets)."""
+    batch, num_heads, q_len, head_dim = query.shape
+    group_size = num_heads // key.shape[1]
+    output = query.new_zeros(batch, q_len, num_heads, head_dim)
+    shared_layout, routed_layout = routing.heads_by_key_value_head(group_size, query.device)
+    # sdpa's convention: no mask means plain causal attention (several queries) or every key (one query).
+    is_causal = attention_mask is None and q_len > 1
+
+    if shared_layout is not None:
+        # Every shared head in one kernel call, each with its own copy of its key/value head. The CPU kernel splits
+        # its work statically over (batch, head, query block); a causal call with one or two heads gives the thread
+        # holding the late query blocks most of the work while the other one waits.
+        heads, kv_heads = shared_layout
+        # (Indexing, not index_select: index_select copies the whole strided query before picking heads.)
+        shared_output = attend(
+            query[:, heads], key[:, kv_heads], value[:, kv_heads],
+            attention_mask, is_causal, scaling, softcap,
+        )
+        output[:, :, heads] = shared_output.transpose(1, 2)
+
+    positions = torch.arange(key.shape[2], device=query.device) if attention_mask is None else None
+    selected = routed_mask.bool()
+    for kv_head, routed_positions, heads in routed_layout:
+        for batch_row in range(batch):
+            pairs = selected[batch_row].index_select(1, routed_positions).nonzero()  # [m, 2]: (token, j) by token
+            if pairs.numel() == 0:
+                continue
+            tokens, pair_heads = pairs[:, 0], heads[pairs[:, 1]]
+            rows = query[batch_row, pair_heads, tokens]  # [m, d]
+            key_row = key[batch_row : batch_row + 1, kv_head : kv_head + 1]
+            value_row = value[batch_row : batch_row + 1, kv_head : kv_head + 1]
+            starts = range(0, tokens.shape[0], ROUTED_ROWS_PER_CALL)
+            if attention_mask is None:
+                # Each chunk's first token and last token + 1: the bounds of its span.
+                ends = [min(start + ROUTED_ROWS_PER_CALL, tokens.shape[0]) for start in starts]
+                bounds = torch.stack([tokens[list(starts)], tokens[[end - 1 for end in ends]] + 1]).tolist()
+            chunk_outputs = []
+            for index, start in enumerate(starts):
+                chunk = slice(start, start + ROUTED_ROWS_PER_CALL)
+                if attention_mask is None:
+                    chunk_outputs.append(attend_causal_rows(
+                        rows[chunk], tokens[chunk], key_row, value_row, bounds[0][index], bounds[1][index],
+                        positions, scaling, softcap,
+                    ))
+                else:
+                    mask, lo, hi = masked_block_rows(attention_mask, batch_row, tokens[chunk], query.dtype)
+                    chunk_outputs.append(attend(
+                        rows[chunk][None, None], key_row[:, :, lo:hi], value_row[:, :, lo:hi],
+                        mask[None, None], False, scaling, softcap,
+                    )[0, 0])
+            output[batch_row, tokens, pair_heads] = torch.cat(chunk_outputs)
+    return output
+
+
+def moh_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """The attention function registered as "moh_sparse_sdpa" / "moh_sparse_eager" (same signature as
+    transformers' attention functions). The registry is global and every copy of this file (the package's, each
+    downloaded model's) registers the same names, so this stays a thin dispatcher into the attention block's own
+    `moh` module: each model runs the kernel of its own modeling file."""
+    routing = getattr(module, "moh", None)
+    if routing is None:
+        return base_attention_function(module)(module, query, key, value, attention_mask, **kwargs)
+    return routing.attention(module, query, key, value, attention_mask, **kwargs)
+
+
+for _base in SPARSE_BASE_IMPLEMENTATIONS:
+    # New names only: no existing attention function or mask is changed for other models.
+    AttentionInterface.register(SPARSE_ATTENTION_PREFIX + _base, moh_attention_forward)
+    AttentionMaskInterface.register(SPARSE_ATTENTION_PREFIX + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
+
+
+def _query_projection(attention: nn.Module) -> tuple[nn.Module, bool]:
+    """The module whose output holds the queries, and whether it is a fused qkv projection (phi3)."""
+    if hasattr(attention, "q_proj"):
+        return attention.q_proj, False
+    if hasattr(attention, "qkv_proj"):
+        return attention.qkv_proj, True
+    raise ValueError(f"{type(attention).__name__} has neither q_proj nor qkv_proj; MoH cannot route its heads")
+
+
+def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int) -> MoHHeadRouting:
+    """Give one source attention block its MoH routing: a `moh` submodule, a hook that keeps the router's input
+    (queries or block input) and the masked path's o_proj pre-hook that gates heads (`use_output_gate_hook(False)`
+    removes it for the sparse path, whose attention function gates)."""
+    if not hasattr(attention, "o_proj"):
+        raise ValueError(f"{type(attention).__name__} has no o_proj; MoH gates heads just before it")
+    hidden_size = attention.o_proj.out_features
+    head_dim = attention.o_proj.in_features // config.num_heads
+    routing = MoHHeadRouting(config, layer_idx, hidden_size, head_dim)
+    attention.moh = routing
+    handles = []
+
+    pending = routing.pending
+
+    if routing.router.uses_query:
+        query_projection, fused_qkv = _query_projection(attention)
+        query_width = config.num_heads * (attention.o_proj.in_features // config.num_heads)
+
+        def keep_queries(module, args, output):
+            # Pre-norm, pre-rotary queries: q_norm (qwen3, gemma3, olmo2) would flatten the norms the router reads.
+            pending.queries = output[..., :query_width] if fused_qkv else output
+
+        handles.append(query_projection.register_forward_hook(keep_queries))
+    else:
+        # Learned routers read the block input. (The query-norm router does not: one hook fewer per layer.)
+        def keep_block_input(module, args, kwargs):
+            pending.hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        handles.append(attention.register_forward_pre_hook(keep_block_input, with_kwargs=True))
+
+    def gate_heads(module, args):
+        return (routing.gate_attention_output(args[0]),) + tuple(args[1:])
+
+    def use_output_gate_hook(enabled: bool) -> None:
+        if enabled and routing.output_gate_handle is None:
+            routing.output_gate_handle = attention.o_proj.register_forward_pre_hook(gate_heads)
+        elif not enabled and routing.output_gate_handle is not None:
+            routing.output_gate_handle.remove()
+            routing.output_gate_handle = None
+
+    routing.hook_handles = handles
+    routing.use_output_gate_hook = use_output_gate_hook
+    use_output_gate_hook(True)
+    return routing
+
+
+def detach_head_routing(attention: nn.Module) -> None:
+    """Undo `attach_head_routing`: the block is the source model's again (used by calibration)."""
+    for handle in attention.moh.hook_handles:
+        handle.remove()
+    attention.moh.use_output_gate_hook(False)
+    del attention.moh
+
+
+class MoHPreTrainedModel(PreTrainedModel):
+    config_class = MoHConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
+    """A source causal LM (built from `config.text_config` with its own class) whose attention heads are routed.
+    Its submodules are the source model's own (`model`, `lm_head`), so tensor names are the source's."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoHConfig):
+        super().__init__(config)
+        source_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+        source_model = source_class(config.text_config)
+        # Adopt the source model's children so names stay `model.layers.0.self_attn.q_proj.weight`, ...; keep the
+        # source wrapper unregistered (it owns no tensors of its own) to reuse its forward and generation logic.
+        for name, child in source_model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "source_model", source_model)
+        # The source class may have changed the requested attention (e.g. gemma2 defaults to eager): agree with it.
+        config._attn_implementation = source_model.config._attn_implementation
+        self._no_split_modules = source_model._no_split_modules
+        self.head_routing = [
+            attach_head_routing(layer.self_attn, config, layer_idx) for layer_idx, layer in enumerate(self.model.layers)
+        ]
+        self.set_attention_path(config.attention_path)
+        self.post_init()
+
+    def set_attention_path(self, attention_path: str):
+        """Choose how gated attention is computed at inference: "sparse" (only selected (token, head) pairs) or
+        "masked" (every head, then gates; the reference). Training always runs the masked path. The sparse kernel is
+        installed as text_config's attention implementation "moh_sparse_<base>" when the base kernel is sdpa or
+        eager and some layer routes heads; otherwise the base kernel stays (the masked path)."""
+        if attention_path not in ATTENTION_PATHS:
+            raise ValueError(f"attention_path must be one of {', '.join(ATTENTION_PATHS)}, got {attention_path!r}")
+        self.config.attention_path = attention_path
+        text_config = self.config.text_config
+        base = (text_config._attn_implementation or "eager").removeprefix(SPARSE_ATTENTION_PREFIX)
+        use_sparse = (
+            attention_path == "sparse"
+            and base in SPARSE_BASE_IMPLEMENTATIONS
+            and not all(routing.is_dense for routing in self.head_routing)
+        )
+        # The internal attribute, not the setter: only the source model's config changes; `config._attn_implementation`
+        # keeps naming the base kernel the user asked for.
+        text_config._attn_implementation_internal = SPARSE_ATTENTION_PREFIX + base if use_sparse else base
+        for routing in self.head_routing:
+            # The sparse path's attention function gates the heads itself: one o_proj hook call per layer fewer.
+            routing.use_output_gate_hook(not use_sparse)
+        return self
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self.set_attention_path(self.config.attention_path)
+
+    def _init_weights(self, module):
+        if isinstance(module, RouterProjection):
+            for parameter in module.parameters(recurse=False):
+                init.zeros_(parameter)
+        elif isinstance(module, MoHHeadRouting):
+            if module.head_fallback is not None:
+                init.zeros_(module.head_fallback)
+        elif not isinstance(module, (QueryNormRouter, LearnedRouter, MoHForCausalLM)):
+            self.source_model._init_weights(module)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.source_model.training = mode
+        return self
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+        self.source_model.lm_head = new_embeddings
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.source_model.prepare_inputs_for_generation(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        # The cache travels in kwargs under whichever name this transformers version uses (`cache` from 5.25,
+        # `past_key_values` before): naming one here would pass both, or pass a deprecated one.
+        outputs = self.source_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return outputs
+
+
+__all__ = ["MoHConfig", "MoHForCausalLM", "MoHPreTrainedModel"]
