@@ -6,8 +6,9 @@
 # How it works. Multi-head attention ends in o_proj(concat_i H_i); MoH weights each head's output per token:
 # o_proj(concat_i g_i(x_t) H_i), with g_i = 0 for heads the token did not select (MOH paper, eq. 3). So the
 # source model is built as it is (same classes, same tensor names) and each attention block gets:
-#   * `self_attn.moh.router`: scores the routed heads of every token (from the block input or from the queries,
-#     which a hook on the block or on q_proj keeps for it);
+#   * `self_attn.moh` (MoHHeadRouting) owns everything MoH adds to the block, its hooks included (`attach` /
+#     `detach`); its `router` scores the routed heads of every token (logits, from the block input or from the
+#     queries, which a hook on the block or on q_proj keeps for it);
 #   * the gates, applied to the heads' outputs before o_proj, in one of two ways (`config.attention_path`):
 #     - "masked": the source attention kernel computes every head; a forward pre-hook on o_proj zeroes unselected
 #       heads. Works with every kernel (eager, sdpa, flash attention) and is the reference.
@@ -35,7 +36,8 @@ from .configuration_moh import ATTENTION_PATHS, MoHConfig
 
 class QueryNormRouter(nn.Module):
     """The paper's parameter-free router for converted models: the score of a routed head is the L2 norm of its
-    query vector, divided by the standard deviation across routed heads, then softmax."""
+    query vector, divided by the standard deviation across routed heads (softmax of these logits gives the
+    routing probabilities)."""
 
     uses_query = True
 
@@ -44,11 +46,11 @@ class QueryNormRouter(nn.Module):
         self.num_routed = len(config.routed_heads(layer_idx))
 
     def forward(self, hidden_states: torch.Tensor, routed_queries: torch.Tensor) -> torch.Tensor:
-        # routed_queries: [batch, seq, num_routed, head_dim] -> probabilities [batch, seq, num_routed]
+        # routed_queries: [batch, seq, num_routed, head_dim] -> float32 logits [batch, seq, num_routed]
         norms = routed_queries.float().norm(dim=-1)
         if self.num_routed > 1:
             norms = norms / norms.std(dim=-1, keepdim=True).clamp_min(1e-6)
-        return norms.softmax(dim=-1)
+        return norms
 
 
 class RouterProjection(nn.Linear):
@@ -72,7 +74,8 @@ class LearnedRouter(nn.Module):
             self.stage_proj = RouterProjection(hidden_size, 2, bias=config.router_bias)
 
     def forward(self, hidden_states: torch.Tensor, routed_queries: torch.Tensor | None = None) -> torch.Tensor:
-        return self.routed_proj(hidden_states).float().softmax(dim=-1)
+        # float32 logits [batch, seq, num_routed]
+        return self.routed_proj(hidden_states).float()
 
 
 ROUTER_CLASSES = {"query-norm": QueryNormRouter, "learned": LearnedRouter}
@@ -116,14 +119,81 @@ class MoHHeadRouting(nn.Module):
         self.is_dense = self.gate_mode == "binary" and self.routed_top_k == len(self.routed_heads)
         # When True (set by training and analysis code), the last routing is kept for losses and statistics.
         self.record_routing = False
+        self.last_router_logits: torch.Tensor | None = None  # [batch, seq, num_routed], float32
         self.last_router_probs: torch.Tensor | None = None  # [batch, seq, num_routed]
         self.last_routed_mask: torch.Tensor | None = None  # [batch, seq, num_routed], 1 where selected
         # Filled by hooks during one attention forward, consumed by the o_proj pre-hook.
         self.pending = PendingRoutingInputs()
         self._index_cache: dict = {}
         self._fallback_checked: tuple | None = None  # (parameter, its version, any non-zero): see fallback_in_use
-        # The masked path's o_proj pre-hook, installed by `attach_head_routing` (None while the sparse path gates).
+        # Hooks on the attention block this module is attached to (see `attach`): the one that keeps the router's
+        # input, and the masked path's o_proj pre-hook (None while the sparse path gates inside its kernel).
+        self.input_hook_handle = None
         self.output_gate_handle = None
+        self.output_gate_enabled = True
+
+    @classmethod
+    def attach_to(cls, attention: nn.Module, config: MoHConfig, layer_idx: int) -> "MoHHeadRouting":
+        """A routing module sized for one source attention block (its o_proj gives hidden size and head_dim),
+        attached to it."""
+        if not hasattr(attention, "o_proj"):
+            raise ValueError(f"{type(attention).__name__} has no o_proj; MoH gates heads just before it")
+        head_dim = attention.o_proj.in_features // config.num_heads
+        routing = cls(config, layer_idx, attention.o_proj.out_features, head_dim)
+        routing.attach(attention)
+        return routing
+
+    def attach(self, attention: nn.Module) -> None:
+        """Become `attention.moh` and install the hooks: one keeps the router's input (the queries from the query
+        projection's output, or the block input for learned routers), and on the masked path an o_proj pre-hook
+        gates the heads. Attaching again re-registers the hooks on the block's modules as they are now: after peft
+        wrapped q_proj/o_proj in LoRA layers, the hooks then see what the wrapper computes (base + LoRA)."""
+        self.remove_hooks()
+        attention.moh = self
+        # A plain attribute, not a submodule: the block owns this module, not the other way round.
+        object.__setattr__(self, "attention_block", attention)
+        pending = self.pending
+        if self.router_uses_query:
+            query_projection, fused_qkv = _query_projection(attention)
+            query_width = attention.o_proj.in_features
+
+            def keep_queries(module, args, output):
+                # Pre-norm, pre-rotary queries: q_norm (qwen3, gemma3, olmo2) would flatten the norms the router reads.
+                pending.queries = output[..., :query_width] if fused_qkv else output
+
+            self.input_hook_handle = query_projection.register_forward_hook(keep_queries)
+        else:
+            # Learned routers read the block input. (The query-norm router does not: one hook fewer per layer.)
+            def keep_block_input(module, args, kwargs):
+                pending.hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+            self.input_hook_handle = attention.register_forward_pre_hook(keep_block_input, with_kwargs=True)
+        self.use_output_gate_hook(self.output_gate_enabled)
+
+    def use_output_gate_hook(self, enabled: bool) -> None:
+        """Gate heads with an o_proj pre-hook (the masked path) or not (the sparse path's kernel gates itself)."""
+        self.output_gate_enabled = enabled
+        if enabled and self.output_gate_handle is None:
+            self.output_gate_handle = self.attention_block.o_proj.register_forward_pre_hook(self._gate_o_proj_input)
+        elif not enabled and self.output_gate_handle is not None:
+            self.output_gate_handle.remove()
+            self.output_gate_handle = None
+
+    def _gate_o_proj_input(self, module, args):
+        return (self.gate_attention_output(args[0]),) + tuple(args[1:])
+
+    def remove_hooks(self) -> None:
+        for name in ("input_hook_handle", "output_gate_handle"):
+            handle = getattr(self, name)
+            if handle is not None:
+                handle.remove()
+                setattr(self, name, None)
+
+    def detach(self) -> None:
+        """Undo `attach`: the block is the source model's again (used by calibration)."""
+        self.remove_hooks()
+        del self.attention_block.moh
+        object.__delattr__(self, "attention_block")
 
     def _head_index(self, which: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         key = (which, device, dtype)
@@ -162,12 +232,14 @@ class MoHHeadRouting(nn.Module):
         routed_index = self._head_index("routed", device)
         shared_index = self._head_index("shared", device)
         routed_queries = queries.index_select(2, routed_index) if queries is not None else None
-        probs = self.router(hidden_states, routed_queries)  # [batch, seq, num_routed]
+        logits = self.router(hidden_states, routed_queries)  # [batch, seq, num_routed], float32
+        probs = logits.softmax(dim=-1)
 
         top_k_index = probs.topk(self.routed_top_k, dim=-1).indices
         routed_mask = torch.zeros_like(probs).scatter_(-1, top_k_index, 1.0)
 
         if self.record_routing or self.training:
+            self.last_router_logits = logits
             self.last_router_probs = probs
             self.last_routed_mask = routed_mask
         if self.gate_mode == "binary":
@@ -549,58 +621,10 @@ def _query_projection(attention: nn.Module) -> tuple[nn.Module, bool]:
     raise ValueError(f"{type(attention).__name__} has neither q_proj nor qkv_proj; MoH cannot route its heads")
 
 
-def attach_head_routing(attention: nn.Module, config: MoHConfig, layer_idx: int) -> MoHHeadRouting:
-    """Give one source attention block its MoH routing: a `moh` submodule, a hook that keeps the router's input
-    (queries or block input) and the masked path's o_proj pre-hook that gates heads (`use_output_gate_hook(False)`
-    removes it for the sparse path, whose attention function gates)."""
-    if not hasattr(attention, "o_proj"):
-        raise ValueError(f"{type(attention).__name__} has no o_proj; MoH gates heads just before it")
-    hidden_size = attention.o_proj.out_features
-    head_dim = attention.o_proj.in_features // config.num_heads
-    routing = MoHHeadRouting(config, layer_idx, hidden_size, head_dim)
-    attention.moh = routing
-    handles = []
-
-    pending = routing.pending
-
-    if routing.router.uses_query:
-        query_projection, fused_qkv = _query_projection(attention)
-        query_width = config.num_heads * (attention.o_proj.in_features // config.num_heads)
-
-        def keep_queries(module, args, output):
-            # Pre-norm, pre-rotary queries: q_norm (qwen3, gemma3, olmo2) would flatten the norms the router reads.
-            pending.queries = output[..., :query_width] if fused_qkv else output
-
-        handles.append(query_projection.register_forward_hook(keep_queries))
-    else:
-        # Learned routers read the block input. (The query-norm router does not: one hook fewer per layer.)
-        def keep_block_input(module, args, kwargs):
-            pending.hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-        handles.append(attention.register_forward_pre_hook(keep_block_input, with_kwargs=True))
-
-    def gate_heads(module, args):
-        return (routing.gate_attention_output(args[0]),) + tuple(args[1:])
-
-    def use_output_gate_hook(enabled: bool) -> None:
-        if enabled and routing.output_gate_handle is None:
-            routing.output_gate_handle = attention.o_proj.register_forward_pre_hook(gate_heads)
-        elif not enabled and routing.output_gate_handle is not None:
-            routing.output_gate_handle.remove()
-            routing.output_gate_handle = None
-
-    routing.hook_handles = handles
-    routing.use_output_gate_hook = use_output_gate_hook
-    use_output_gate_hook(True)
-    return routing
-
-
-def detach_head_routing(attention: nn.Module) -> None:
-    """Undo `attach_head_routing`: the block is the source model's again (used by calibration)."""
-    for handle in attention.moh.hook_handles:
-        handle.remove()
-    attention.moh.use_output_gate_hook(False)
-    del attention.moh
+def routing_modules(model: nn.Module) -> list[MoHHeadRouting]:
+    """The routing module of every attention block of `model` (also when wrapped, e.g. by peft), in layer order;
+    empty for a dense model."""
+    return [module for module in model.modules() if isinstance(module, MoHHeadRouting)]
 
 
 class MoHPreTrainedModel(PreTrainedModel):
@@ -632,7 +656,7 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         config._attn_implementation = source_model.config._attn_implementation
         self._no_split_modules = source_model._no_split_modules
         self.head_routing = [
-            attach_head_routing(layer.self_attn, config, layer_idx) for layer_idx, layer in enumerate(self.model.layers)
+            MoHHeadRouting.attach_to(layer.self_attn, config, layer_idx) for layer_idx, layer in enumerate(self.model.layers)
         ]
         self.set_attention_path(config.attention_path)
         self.post_init()
