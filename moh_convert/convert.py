@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -15,20 +14,15 @@ from .calibrate import CalibrationSettings, calibrate_folder, print_report
 from .errors import MoHError
 from .heads import first_heads_shared, resolve_head_counts
 from .model_card import write_model_card
+from .model_folder import (
+    DTYPES, FIRST_SHARD_NAME, ROUTER_SHARD, SINGLE_WEIGHTS_NAME, StagedFolder, copy_support_files, write_moh_config,
+    write_weight_index,
+)
 from .modeling.configuration_moh import MoHConfig
 from .modeling.modeling_moh import MoHHeadRouting
 from .options import validate_options
-from .safetensors_stream import SAFETENSORS_DTYPES, read_safetensors_header, write_safetensors_streaming
+from .safetensors_stream import SAFETENSORS_DTYPES, write_safetensors_streaming
 from .sources import SourceCheckpoint, resolve_source
-
-MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_moh.py", "modeling_moh.py")
-AUTO_MAP = {"AutoConfig": "configuration_moh.MoHConfig", "AutoModelForCausalLM": "modeling_moh.MoHForCausalLM"}
-# Everything else in a source folder that a converted model must carry along (tokenizer, chat template, ...).
-SKIPPED_SOURCE_FILES = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
-SKIPPED_SOURCE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".py", ".msgpack", ".h5", ".ckpt")
-ROUTER_SHARD = "model-moh-routers.safetensors"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class ConvertOptions(CalibrationSettings):
@@ -71,25 +65,21 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
         from .hub import check_push_ready
 
         check_push_ready(opts.push_to_hub)  # a bad id, offline mode or no token fails now, not after the work
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        source_checkpoint = resolve_source(source, work_dir)
+    with StagedFolder(output) as staged:
+        source_checkpoint = resolve_source(source, staged.work_dir)
         moh_config = build_moh_config(source_checkpoint, opts)
-        staging = work_dir / output.name
+        staging = staged.path
         staging.mkdir()
         write_weights(source_checkpoint, staging, router_tensors(moh_config), DTYPES.get(opts.dtype))
         copy_support_files(source_checkpoint.folder, staging)
-        write_config_and_code(moh_config, staging)
+        write_moh_config(staging, moh_config)
         base_model = opts.base_model or _hub_id_or_none(source_checkpoint.name)
         write_model_card(staging, moh_config, source_checkpoint.name, base_model=base_model)
         if opts.calibration_data is not None:
             settings = CalibrationSettings(**opts.model_dump(include=set(CalibrationSettings.model_fields)))
             # Calibration measures which heads each layer shares, and how many unless the user fixed that number.
             report = calibrate_folder(staging, settings, opts.shared_heads if opts.shared_heads is not None else "auto")
-        move_into_place(staging, output)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        staged.move_into_place()
     if opts.calibration_data is not None:
         print_report(report)
     if opts.push_to_hub:
@@ -143,7 +133,6 @@ def build_moh_config(source: SourceCheckpoint, opts: ConvertOptions) -> MoHConfi
         gate_mode=opts.gate_mode,
     )
     config.architectures = ["MoHForCausalLM"]
-    config.auto_map = dict(AUTO_MAP)
     config.dtype = source_config.dtype
     return config
 
@@ -162,12 +151,6 @@ def router_tensors(config: MoHConfig) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def safetensors_data_size(path: Path) -> int:
-    """Bytes of tensor data in a safetensors file, read from its header (no tensor is loaded)."""
-    _, header = read_safetensors_header(path)
-    return sum(end - start for info in header.values() for start, end in [info["data_offsets"]])
-
-
 def write_weights(
     source: SourceCheckpoint, staging: Path, routers: dict[str, torch.Tensor], dtype: torch.dtype | None
 ) -> None:
@@ -184,9 +167,9 @@ def write_weights(
         shard: shard if source.weight_format == "safetensors" else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         for i, shard in enumerate(shards)
     }
-    if routers and out_names == {shards[0]: "model.safetensors"}:
+    if routers and out_names == {shards[0]: SINGLE_WEIGHTS_NAME}:
         # transformers reads model.safetensors and ignores any index when that file exists: name it as a shard.
-        out_names[shards[0]] = "model-00001-of-00001.safetensors"
+        out_names[shards[0]] = FIRST_SHARD_NAME
     total_bytes = sum((source.folder / shard).stat().st_size for shard in shards)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Writing weights") as progress:
         for shard in shards:
@@ -204,11 +187,9 @@ def write_weights(
         weight_map.update({name: ROUTER_SHARD for name in routers})
     out_files = sorted(set(weight_map.values()))
     if len(out_files) > 1:
-        total_size = sum(safetensors_data_size(staging / name) for name in out_files)
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    elif out_files[0] != "model.safetensors":
-        (staging / out_files[0]).rename(staging / "model.safetensors")
+        write_weight_index(staging, weight_map)
+    elif out_files[0] != SINGLE_WEIGHTS_NAME:
+        (staging / out_files[0]).rename(staging / SINGLE_WEIGHTS_NAME)
 
 
 def cast_shard(source_path: Path, out_path: Path, weight_format: str, dtype: torch.dtype | None) -> None:
@@ -236,57 +217,3 @@ def cast_shard(source_path: Path, out_path: Path, weight_format: str, dtype: tor
     write_safetensors_streaming(
         out_path, specs, lambda name: state_dict[name].to(target(state_dict[name].dtype)), metadata={"format": "pt"}
     )
-
-
-def copy_support_files(source_folder: Path, staging: Path) -> None:
-    """Tokenizer files, chat template, generation config: everything that is not weights, config or code."""
-    for path in source_folder.iterdir():
-        if (
-            path.is_file()
-            and not path.name.startswith(".")
-            and path.name not in SKIPPED_SOURCE_FILES
-            and not path.name.endswith(SKIPPED_SOURCE_SUFFIXES)
-        ):
-            shutil.copy2(path, staging / path.name)
-
-
-def write_config_and_code(config: MoHConfig, staging: Path) -> None:
-    config.save_pretrained(staging)
-    for file_name in MODELING_FILES:
-        shutil.copyfile(MODELING_DIR / file_name, staging / file_name)
-
-
-def move_into_place(staging: Path, output: Path) -> None:
-    """Rename the finished folder to OUTPUT; an existing OUTPUT (with --overwrite) is swapped out first."""
-    if output.exists():
-        previous = staging.parent / f"{output.name}.previous"
-        output.rename(previous)
-    staging.rename(output)
-
-
-def register_cli(commands) -> None:
-    """`moh convert SOURCE OUTPUT [options]`: flags generated from ConvertOptions."""
-    import argparse
-
-    from .options import add_options_to_parser, options_from_args
-
-    parser = commands.add_parser(
-        "convert",
-        help="convert a dense checkpoint into a MoH model folder",
-        description="Insert a router and a shared/routed head split into every attention block of SOURCE and write "
-        "a model folder (safetensors, config, tokenizer, model card, modeling code) to OUTPUT. The default is the "
-        "paper's setting: 75% of heads active per token, 50% of heads shared, query-norm router.",
-        epilog="examples:\n  moh convert HuggingFaceTB/SmolLM2-135M smollm2-moh\n"
-        "  moh convert ./llama-folder llama-moh --active-heads 24 --shared-heads 16 --dtype bfloat16\n"
-        "  moh convert model.Q4_1.gguf model-moh --active-ratio 0.66",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("source", metavar="SOURCE", help="Hub model id, local checkpoint folder or .gguf file")
-    parser.add_argument("output", metavar="OUTPUT", help="folder to write the MoH model to")
-    add_options_to_parser(parser, ConvertOptions)
-
-    def run(args):
-        output = convert(args.source, args.output, **options_from_args(args, ConvertOptions))
-        print(f"MoH model written to {output}")
-
-    parser.set_defaults(handler=run)

@@ -6,20 +6,18 @@ and training summary when present, and `moh eval` results (table + model-index m
 """
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ValidationError
 
+from .card_evaluation import Evaluation, eval_results, evaluation_section
 from .errors import MoHError
+from .model_folder import read_json_object
 from .modeling.configuration_moh import MoHConfig
 
 CARD_NAME = "README.md"
 CALIBRATION_REPORT = "calibration_report.json"
 TRAINING_SUMMARY = "training_summary.json"
-EVAL_TABLE = "results_table.md"
-EVAL_COMPARISON = "comparison.json"
 REQUIRED_TAGS = ("moh", "mixture-of-heads", "moh_convert")
 # A converted model keeps every source tensor and adds routers: the Hub's closest relation is a fine-tune.
 BASE_MODEL_RELATION = "finetune"
@@ -203,13 +201,7 @@ def flatten_report(data: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def read_report(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        raise MoHError(f"{path} is not valid JSON ({error}); fix or delete it") from None
-    if not isinstance(data, dict):
-        raise MoHError(f"{path} must hold a JSON object (key: value pairs), not {type(data).__name__}")
-    return data
+    return read_json_object(path, "fix or delete it")
 
 
 def generic_report_line(file_name: str) -> str:
@@ -229,95 +221,6 @@ REPORTS = (("Calibration", CALIBRATION_REPORT), ("Training", TRAINING_SUMMARY))
 def report_sections(folder: Path) -> dict[str, str]:
     """Section title -> generic key/value section, for each report other stages left in FOLDER."""
     return {title: report_section(title, folder / name) for title, name in REPORTS if (folder / name).is_file()}
-
-
-# ---------------------------------------------------------------- `moh eval` results
-
-
-class EvalTaskResult(BaseModel):
-    task: str
-    metric: str
-    num_fewshot: int
-    moh: float
-    baseline: float | None = None
-
-
-class EvalAverage(BaseModel):
-    moh: float
-    baseline: float | None = None
-
-
-class EvalComparison(BaseModel):
-    """Schema of `comparison.json` in a `moh eval` output folder (extra keys are allowed and ignored)."""
-
-    model: str
-    baseline: str | None = None
-    active_heads_fraction: float
-    tasks: list[EvalTaskResult]
-    average: EvalAverage
-
-
-@dataclass
-class Evaluation:
-    comparison: EvalComparison
-    table: str  # results_table.md as `moh eval` wrote it
-
-
-def load_evaluation(eval_dir: str | Path) -> Evaluation:
-    """Read a `moh eval` output folder; a missing file or a schema mismatch is a MoHError naming it."""
-    eval_dir = Path(eval_dir).expanduser()
-    if not eval_dir.is_dir():
-        raise MoHError(f"eval folder {eval_dir} not found; pass the output folder of `moh eval`")
-    for file_name in (EVAL_COMPARISON, EVAL_TABLE):
-        if not (eval_dir / file_name).is_file():
-            raise MoHError(f"eval folder {eval_dir} has no {file_name}; pass the output folder of `moh eval`")
-    comparison_path = eval_dir / EVAL_COMPARISON
-    try:
-        comparison = EvalComparison.model_validate_json(comparison_path.read_text())
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, item['loc'])) or 'file'}: {item['msg']}" for item in error.errors(include_url=False)
-        )
-        raise MoHError(f"{comparison_path} does not match the `moh eval` schema ({problems})") from None
-    if not comparison.tasks:
-        raise MoHError(f"{comparison_path} lists no tasks; nothing to publish")
-    return Evaluation(comparison=comparison, table=without_headings((eval_dir / EVAL_TABLE).read_text()))
-
-
-def without_headings(markdown: str) -> str:
-    """results_table.md opens with its own title; inside the card's Evaluation section that would be a second
-    page title, so headings are dropped and the prose and table are kept."""
-    return "\n".join(line for line in markdown.strip().splitlines() if not line.startswith("#")).strip()
-
-
-def evaluation_section(evaluation: Evaluation) -> str:
-    comparison = evaluation.comparison
-    baseline = f"; baseline: `{comparison.baseline}`" if comparison.baseline else ""
-    return (
-        "## Evaluation\n\n"
-        f"Measured with `moh eval` (lm-evaluation-harness) with {comparison.active_heads_fraction:.0%} of attention "
-        f"heads active per token{baseline}.\n\n"
-        f"{evaluation.table}\n"
-    )
-
-
-def eval_results(evaluation: Evaluation) -> list:
-    """The MoH model's own scores as huggingface_hub EvalResults (the card's model-index); baselines stay in the
-    table, since model-index describes this model only."""
-    from huggingface_hub import EvalResult
-
-    return [
-        EvalResult(
-            task_type="text-generation",
-            dataset_type=result.task,
-            dataset_name=result.task,
-            dataset_args={"num_few_shot": result.num_fewshot},
-            metric_type=result.metric,
-            metric_name=f"{result.metric} ({result.num_fewshot}-shot)",
-            metric_value=result.moh,
-        )
-        for result in evaluation.comparison.tasks
-    ]
 
 
 # ---------------------------------------------------------------- refreshing an existing card
@@ -433,6 +336,23 @@ def render_updated_card(
     sections = set_section(sections, "Usage", usage_section(model_id))
     card.text = join_sections(rename_title(preamble, folder.name, model_name), sections)
     return str(card)
+
+
+def set_card_section(folder: Path, title: str, text: str) -> None:
+    """Replace or insert the `## TITLE` section of FOLDER/README.md (where SECTION_ORDER puts it), keeping the rest;
+    nothing happens without a card. The file is unlinked before it is rewritten: a staging copy may hard-link it to
+    the original model's card."""
+    path = folder / CARD_NAME
+    if not path.is_file():
+        return
+    card = path.read_text()
+    metadata, body = "", card
+    if card.startswith("---\n") and "\n---\n" in card[4:]:
+        end = card.index("\n---\n", 4) + len("\n---\n")
+        metadata, body = card[:end], card[end:]
+    preamble, sections = split_sections(body)
+    path.unlink()
+    path.write_text(metadata + join_sections(preamble, set_section(sections, title, text)))
 
 
 def update_model_card(folder: str | Path, evaluation: Evaluation | None = None) -> Path:

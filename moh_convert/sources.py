@@ -1,14 +1,14 @@
 """Finding a source checkpoint: a local folder, a Hub id (through the local cache) or a GGUF file."""
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MoHError
+from .model_folder import INDEX_NAME, read_weight_index
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+INDEX_NAMES = (INDEX_NAME, "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -97,10 +97,7 @@ def inspect_folder(folder: Path, name: str) -> SourceCheckpoint:
     for index_name, weight_format in zip(INDEX_NAMES, ("safetensors", "bin")):
         index_path = folder / index_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (ValueError, KeyError) as error:
-                raise MoHError(f"{index_path} is corrupt ({error}); re-download the checkpoint") from None
+            weight_map = read_weight_index(index_path, fix="re-download the checkpoint")
             missing = sorted({shard for shard in weight_map.values() if not (folder / shard).is_file()})
             if missing:
                 raise MoHError(f"{index_path.name} names missing shard(s) {', '.join(missing)}; re-download the checkpoint")

@@ -10,8 +10,8 @@ import pytest
 from huggingface_hub import ModelCard
 
 from moh_convert import MoHError, convert
+from moh_convert.card_evaluation import load_evaluation
 from moh_convert.model_card import (
-    load_evaluation,
     read_moh_config,
     render_updated_card,
     source_license,
