@@ -1,0 +1,47 @@
+"""`moh calibrate` / `moh_convert.calibrate()`: calibrate an already converted model folder, in a staging copy that
+replaces MODEL (or becomes --output) only once it is complete."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import MoHError
+from ..model_folder import StagedFolder, link_or_copy
+from ..options import validate_options
+from .report import print_report
+from .run import calibrate_folder
+from .settings import REPORT_NAME, CalibrateOptions, CalibrationSettings
+
+
+def calibrate(model: str | os.PathLike, **options) -> Path:
+    """Calibrate an already converted MoH model folder (in place, or into `output`). Returns the folder."""
+    opts = validate_options(CalibrateOptions, options)
+    if opts.calibration_data is None:
+        raise MoHError("calibrate needs --calibration-data (a .txt/.jsonl file, a Hub dataset name, or 'self')")
+    model = Path(model).expanduser().resolve()
+    check_calibratable(model)
+    output = Path(opts.output).expanduser().resolve() if opts.output else model
+    if opts.output and output.exists() and not opts.overwrite:
+        raise MoHError(f"output {output} already exists; pass --overwrite to replace it")
+    with StagedFolder(output) as staged:
+        # Hard links: the source weights are never rewritten, so the copy costs no disk space or time.
+        shutil.copytree(model, staged.path, copy_function=link_or_copy)
+        settings = CalibrationSettings(**opts.model_dump(include=set(CalibrationSettings.model_fields)))
+        report = calibrate_folder(staged.path, settings, opts.shared_heads)
+        staged.move_into_place()
+    print_report(report)
+    return output
+
+
+def check_calibratable(model: Path) -> None:
+    """A MoH model folder whose attention is still the source model's (else a MoHError saying what to do)."""
+    if not (model / "config.json").is_file():
+        raise MoHError(f"{model} is not a model folder (no config.json); convert a model first with `moh convert`")
+    if json.loads((model / "config.json").read_text()).get("model_type") != "moh":
+        raise MoHError(f"{model} is not a MoH model; convert it first with `moh convert`")
+    earlier_report = model / REPORT_NAME
+    if earlier_report.is_file() and json.loads(earlier_report.read_text()).get("output_projection_refit"):
+        raise MoHError(
+            f"{model} was calibrated with refitted output projections, so its attention is no longer the source "
+            "model's; calibrate again from the source: `moh convert SOURCE OUTPUT --calibration-data ...`"
+        )

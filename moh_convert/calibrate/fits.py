@@ -1,0 +1,209 @@
+"""The fits of one layer, as functions of its recorded tensors (no model, no files): head importance, the choice
+of shared heads, the ridge router, the skipped heads' fallback outputs and the refitted output projection.
+
+Shapes: inputs X [tokens, hidden] (the attention input), outputs [tokens, heads*head_dim] (o_proj's input, each
+head's output h_i side by side), o_proj weight W_O [hidden, heads*head_dim]."""
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+CHECK_TOKENS = 4096  # calibration tokens set aside (per layer) to choose how many heads to share
+RIDGE = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
+OUTPUT_RIDGE = 1e-2  # pull of the refitted o_proj towards the original, relative to the mean diagonal of X^T X
+
+
+@dataclass
+class HeadSplit:
+    """A layer's shared and routed heads with the router that picks `top_k` of the routed heads per token."""
+
+    shared: list[int]
+    routed: list[int]
+    top_k: int
+    weight: torch.Tensor  # router weight [routed heads, hidden]
+    bias: torch.Tensor  # router bias [routed heads]
+    error: float  # attention output lost on the held-back tokens (0.0 when the number of shared heads was fixed)
+    frequency: torch.Tensor  # [heads]: share of tokens for which the oracle keeps each head
+
+
+@dataclass
+class LayerRouting:
+    """A layer's calibrated routing as measured on the calibration tokens."""
+
+    split: HeadSplit
+    router_pick: torch.Tensor  # [tokens, routed heads]: 1 where the router keeps the head
+    fallback: torch.Tensor  # [heads, head_dim]: what each head outputs when skipped
+    agreement: float  # share of the oracle's top-K routed heads that the router keeps too
+
+
+def fit_routing(
+    inputs: torch.Tensor, outputs: torch.Tensor, o_proj_weight: torch.Tensor, num_heads: int, active: int,
+    head_fallback: Literal["zero", "mean"], fixed_shared: int | None,
+) -> LayerRouting:
+    """Steps 2 to 5 of the method (see the package docstring): importance, shared heads, router, fallbacks."""
+    head_means = outputs.view(outputs.shape[0], num_heads, -1).mean(0)
+    if head_fallback == "zero":  # importance is then the plain output norm ||h_i W_O^i||
+        head_means = torch.zeros_like(head_means)
+    importance = head_importance(outputs, head_means, o_proj_weight)
+    # The last fifth of the tokens (at most CHECK_TOKENS) judges candidate splits.
+    num_check = min(CHECK_TOKENS, importance.shape[0] // 5)
+    deviation_check = outputs[-num_check:].view(num_check, num_heads, -1) - head_means
+    split = choose_head_split(inputs, importance, deviation_check, o_proj_weight, active, fixed_shared)
+    del deviation_check
+    router_pick = top_k_mask(inputs @ split.weight.T + split.bias, split.top_k)
+    oracle_pick = top_k_mask(importance[:, split.routed], split.top_k)
+    agreement = (router_pick * oracle_pick).sum(1).mean().item() / split.top_k if split.top_k else 1.0
+    per_head = outputs.view(outputs.shape[0], num_heads, -1)
+    fallback = skipped_head_fallback(per_head, head_means, router_pick, split.routed, head_fallback)
+    return LayerRouting(split=split, router_pick=router_pick, fallback=fallback, agreement=agreement)
+
+
+def projected_deviation(head_outputs: torch.Tensor, head_means: torch.Tensor, o_proj_weight: torch.Tensor) -> torch.Tensor:
+    """(h_i - m_i) W_O^i per token and head: [tokens, heads, hidden], what each head adds beyond its average."""
+    num_heads, head_dim = head_means.shape
+    weight = o_proj_weight.float().view(-1, num_heads, head_dim)
+    deviation = head_outputs.view(-1, num_heads, head_dim) - head_means
+    return torch.einsum("nhd,ohd->nho", deviation, weight)
+
+
+def head_importance(head_outputs: torch.Tensor, head_means: torch.Tensor, o_proj_weight: torch.Tensor) -> torch.Tensor:
+    """||(h_i - m_i) W_O^i|| per token and head: [tokens, heads]. Chunked to bound memory."""
+    # A chunk's projected deviations are [chunk, heads, hidden]: 128 tokens keep that small for large models.
+    return torch.cat([projected_deviation(chunk, head_means, o_proj_weight).norm(dim=-1) for chunk in head_outputs.split(128)])
+
+
+def keep_frequency(importance: torch.Tensor, active: int) -> torch.Tensor:
+    """Share of tokens for which each head is among the token's top-`active` heads by importance (the oracle)."""
+    kept = torch.zeros_like(importance).scatter_(1, importance.topk(active, dim=1).indices, 1.0)
+    return kept.mean(0)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
+
+
+def reconstruction_error(deviation: torch.Tensor, skipped: torch.Tensor, o_proj_weight: torch.Tensor) -> float:
+    """Mean squared norm of what the skipped heads would have added to the output, sum_i skipped_i (h_i - m_i) W_O^i.
+    deviation: [tokens, heads, head_dim] = h - m; skipped: [tokens, heads], 1 where the token skips the head."""
+    total = 0.0
+    for deviation_chunk, skipped_chunk in zip(deviation.split(512), skipped.split(512)):
+        lost = (deviation_chunk * skipped_chunk.unsqueeze(-1)).flatten(1) @ o_proj_weight.float().T
+        total += lost.pow(2).sum().item()
+    return total / deviation.shape[0]
+
+
+def candidate_shared_counts(active: int) -> list[int]:
+    """0..active, thinned to at most 9 values for models with many heads (each candidate costs a router fit)."""
+    return sorted({round(active * step / 8) for step in range(9)}) if active > 8 else list(range(active + 1))
+
+
+def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active: int, fixed_shared: int | None) -> HeadSplit:
+    """Pick the shared heads and fit the router of one layer.
+
+    Shared heads are the heads the oracle keeps most often. How many: `fixed_shared` if the user set it, otherwise
+    every count from 0 to `active` is tried (router fitted on the first part of the tokens) and the one whose
+    routing loses the least of the attention output on the last part (`deviation_check`: h - m there) wins. A router
+    that cannot see the context of a token is only worth its routing decisions where it is reliable."""
+    num_tokens, num_heads = importance.shape
+    num_fit = num_tokens - deviation_check.shape[0]
+    frequency = keep_frequency(importance, active)
+    order = frequency.argsort(descending=True).tolist()
+    counts = [min(fixed_shared, active)] if fixed_shared is not None else candidate_shared_counts(active)
+    fit_part = RidgeRouterFit(inputs[:num_fit]) if fixed_shared is None else RidgeRouterFit(inputs)
+    best = None
+    for count in counts:
+        shared = sorted(order[:count])
+        routed = [head for head in range(num_heads) if head not in shared]
+        top_k = active - count
+        if top_k == 0 or not routed:
+            weight, bias = torch.zeros(len(routed), inputs.shape[1]), torch.zeros(len(routed))
+        else:
+            targets = importance[:, routed].clamp_min(1e-6).log()
+            weight, bias = fit_part.fit(targets[: fit_part.inputs.shape[0]])
+        skipped = torch.ones(deviation_check.shape[0], num_heads)
+        skipped[:, shared] = 0.0
+        if top_k:
+            picks = top_k_mask(inputs[num_fit:] @ weight.T + bias, top_k)
+            skipped[:, routed] = 1.0 - picks
+        error = reconstruction_error(deviation_check, skipped, o_proj_weight) if len(counts) > 1 else 0.0
+        if best is None or error < best.error:
+            best = HeadSplit(shared=shared, routed=routed, top_k=top_k, weight=weight, bias=bias, error=error,
+                             frequency=frequency)
+    del fit_part
+    if fixed_shared is None and best.top_k > 0:
+        # Refit the chosen router on every calibration token.
+        targets = importance[:, best.routed].clamp_min(1e-6).log()
+        best.weight, best.bias = RidgeRouterFit(inputs).fit(targets)
+    return best
+
+
+class RidgeRouterFit:
+    """Ridge regression targets ≈ inputs @ W.T + b for several sets of targets on the same inputs (one per candidate
+    split of a layer): the normal matrix is accumulated in float64 chunk by chunk and factored once."""
+
+    def __init__(self, inputs: torch.Tensor):
+        self.inputs = inputs
+        gram = torch.zeros(inputs.shape[1] + 1, inputs.shape[1] + 1, dtype=torch.float64)
+        for features in self._feature_chunks():
+            gram.addmm_(features.T, features)
+        ridge = RIDGE * gram.diagonal()[:-1].mean()
+        gram.diagonal()[:-1].add_(ridge)  # not on the bias
+        self.factor = torch.linalg.cholesky(gram)
+
+    def _feature_chunks(self):
+        for chunk in self.inputs.split(1024):
+            yield torch.cat([chunk, torch.ones(chunk.shape[0], 1)], dim=1).double()
+
+    def fit(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (W [outputs, hidden], b [outputs])."""
+        right_side = torch.zeros(self.factor.shape[0], targets.shape[1], dtype=torch.float64)
+        for features, target_chunk in zip(self._feature_chunks(), targets.split(1024)):
+            right_side.addmm_(features.T, target_chunk.double())
+        solution = torch.cholesky_solve(right_side, self.factor)  # [hidden + 1, outputs]
+        return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
+
+
+def skipped_head_fallback(per_head, head_means, router_pick, routed: list[int], head_fallback: str) -> torch.Tensor:
+    """[heads, head_dim]: what a skipped head outputs. Zero for the zero fallback (`head_means` is zero then); for
+    the mean fallback, a routed head's mean output over the tokens that skip it (its overall mean if none does)."""
+    fallback = head_means.clone()
+    skipped = 1.0 - router_pick
+    skipped_count = skipped.sum(0)
+    for position, head in enumerate(routed):
+        if skipped_count[position] > 0 and head_fallback == "mean":
+            fallback[head] = (per_head[:, head] * skipped[:, position : position + 1]).sum(0) / skipped_count[position]
+    return fallback
+
+
+def routed_head_outputs(outputs: torch.Tensor, num_heads: int, routing: LayerRouting) -> torch.Tensor:
+    """o_proj's input [tokens, heads*head_dim] as the calibrated layer sees it: kept heads' outputs, fallbacks for
+    skipped ones."""
+    per_head = outputs.view(outputs.shape[0], num_heads, -1)
+    gates = torch.ones(per_head.shape[0], num_heads)
+    gates[:, routing.split.routed] = routing.router_pick
+    return (per_head * gates.unsqueeze(-1) + (1.0 - gates).unsqueeze(-1) * routing.fallback).flatten(1)
+
+
+def refit_output_projection(seen: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor, ridge: float) -> torch.Tensor:
+    """W' minimising ||dense W^T - seen W'^T||^2 + r ||W' - W||^2: the output projection refitted so that the heads a
+    token keeps make up for the ones it skips. seen/dense: o_proj inputs [tokens, heads*head_dim].
+
+    Normal equations (S^T S + r I) W'^T = S^T (D W^T) + r W^T in float64, solved through a Cholesky factor (the
+    ridge makes the system positive definite). The right side is accumulated from the dense outputs D W^T chunk by
+    chunk and the system is solved in place, so two width x width float64 matrices exist at a time."""
+    gram = torch.zeros(seen.shape[1], seen.shape[1], dtype=torch.float64)
+    right_side = torch.zeros(seen.shape[1], weight.shape[0], dtype=torch.float64)
+    for seen_chunk, dense_chunk in zip(seen.split(512), dense.split(512)):
+        seen_chunk = seen_chunk.double()
+        gram.addmm_(seen_chunk.T, seen_chunk)
+        # D W^T is the dense layer's own o_proj output: computed in the weight's precision, as the model does.
+        right_side.addmm_(seen_chunk.T, (dense_chunk @ weight.float().T).double())
+    strength = (ridge * gram.diagonal().mean()).item()
+    right_side.add_(weight.T, alpha=strength)
+    gram.diagonal().add_(strength)
+    # In place: gram becomes its Cholesky factor L (lower triangle), right_side the solution of L L^T X = right_side.
+    torch.linalg.cholesky(gram, out=gram)
+    torch.linalg.solve_triangular(gram, right_side, upper=False, out=right_side)
+    torch.linalg.solve_triangular(gram.T, right_side, upper=True, out=right_side)
+    del gram
+    return right_side.T.to(weight.dtype).contiguous()

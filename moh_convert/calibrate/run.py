@@ -1,0 +1,251 @@
+"""`calibrate_folder`: the calibration run over a MoH model folder, one decoder layer at a time, bottom to top
+(the method is in the package docstring). Only one decoder layer's weights are in memory at a time, plus the final
+norm (and the embeddings while the streams start, the LM head for the held-out perplexity at the end)."""
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..model_card import set_card_section
+from ..model_folder import (
+    ShardedWeights, replace_tensors_in_shards, save_router_shard, write_moh_config,
+)
+from ..modeling.configuration_moh import MoHConfig
+from ..modeling.modeling_moh import MoHHeadRouting
+from .data import load_calibration_windows
+from .fits import OUTPUT_RIDGE, fit_routing, refit_output_projection, routed_head_outputs
+from .layers import head_outputs_and_inputs, record_layer_inputs, run_layer, stream_loss
+from .memory import release_freed_memory, return_large_blocks_to_the_os
+from .report import LayerSummary, build_report, calibration_card_section
+from .settings import REPORT_NAME, CalibrationSettings
+
+# Refitted o_proj weights wait on disk (one small file per layer, inside the folder being calibrated) until they are
+# written over the originals in their shards at the end: kept in memory they would add up to a whole matrix per layer.
+REFIT_DIR = ".moh-refitted-o_proj"
+
+
+@torch.no_grad()
+def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: int | str = "auto") -> dict:
+    """Calibrate the MoH model in `folder` in place (the caller provides a staging copy). Returns the report."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    return_large_blocks_to_the_os()
+    config = MoHConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calibration_windows, heldout_windows = load_calibration_windows(settings, tokenizer, folder)
+    source = SourceModel(folder, config.text_config)
+    streams = Streams.start(source.decoder, calibration_windows, heldout_windows, settings.calibration_batch_size)
+    source.decoder.embed_tokens.to("meta")  # only needed to start the streams
+    run = LayerwiseRun(
+        settings=settings, config=config, calibrated=calibrated_config(config), source=source, streams=streams,
+        fixed_shared=None if shared_heads == "auto" else shared_heads,
+        # Not for self-sampled text: fitted to the model's own samples, the refit measured worse on real text.
+        refit=settings.refit_output_projection and settings.calibration_data != "self",
+        refit_dir=folder / REFIT_DIR, dtype=weights_dtype(config.text_config),
+    )
+    results = [calibrate_layer(run, layer_idx) for layer_idx in tqdm(range(config.num_layers), desc="Calibrating layers")]
+    perplexity = heldout_perplexity(source, streams, config.text_config) if streams.heldout_tokens else {}
+    report = build_report(
+        settings, config, int(calibration_windows.numel()), int(heldout_windows.numel()), perplexity,
+        [result.summary for result in results], any(result.output_projection is not None for result in results), started,
+    )
+    write_calibrated_model(folder, run.calibrated, results, report)
+    return report
+
+
+class SourceModel:
+    """The source model as a meta-device skeleton whose parts are materialised (in float32) from the folder's
+    shards when in use. Memory: the embeddings are only needed to start the streams and the LM head only for the
+    held-out perplexity at the end, so neither is in memory while the decoder layers are calibrated."""
+
+    def __init__(self, folder: Path, text_config):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        source_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
+        text_config._attn_implementation = "sdpa" if source_class._supports_sdpa else "eager"
+        with torch.device("meta"):
+            self.model = source_class(text_config)
+        self.model.eval()
+        self.weights = ShardedWeights(folder)
+        self.decoder = self.model.model
+        for name, child in self.decoder.named_children():
+            if name != "layers":
+                self.weights.load_into(child, f"model.{name}", self.model._init_weights)
+
+    def load_layer(self, layer_idx: int) -> torch.nn.Module:
+        layer = self.decoder.layers[layer_idx]
+        self.weights.load_into(layer, f"model.layers.{layer_idx}", self.model._init_weights)
+        return layer
+
+    def lm_head(self, text_config) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight in its stored dtype, float32 bias or None); tied to the embeddings when the config says so or
+        the checkpoint has no separate head."""
+        weight_map = self.weights.weight_map
+        tied = getattr(text_config, "tie_word_embeddings", False) or "lm_head.weight" not in weight_map
+        weight = self.weights.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+        bias = self.weights.get("lm_head.bias").float() if "lm_head.bias" in weight_map else None
+        return weight, bias
+
+
+@dataclass
+class Streams:
+    """Hidden states at the input of the next layer to calibrate, batch by batch, and every layer's recorded keyword
+    arguments (masks, position embeddings: they depend only on positions). Held-out text flows through three
+    versions of each layer: dense, as converted ('before') and calibrated ('after')."""
+
+    calibration: list[torch.Tensor]
+    heldout: dict[str, list[torch.Tensor]]
+    heldout_tokens: list[torch.Tensor]
+    calibration_kwargs: list[list[dict]]  # [layer][batch]
+    heldout_kwargs: list[list[dict]]
+
+    @classmethod
+    def start(cls, decoder, calibration_windows, heldout_windows, batch_size: int) -> "Streams":
+        heldout_tokens = list(heldout_windows.split(batch_size)) if heldout_windows.numel() else []
+        calibration_kwargs, calibration = record_layer_inputs(decoder, list(calibration_windows.split(batch_size)))
+        heldout_kwargs, heldout = record_layer_inputs(decoder, heldout_tokens)
+        return cls(calibration, {"dense": heldout, "before": heldout, "after": heldout}, heldout_tokens,
+                   calibration_kwargs, heldout_kwargs)
+
+
+@dataclass
+class LayerwiseRun:
+    """What calibrating a layer reads, and advances (the streams; the calibrated config's per-layer heads)."""
+
+    settings: CalibrationSettings
+    config: MoHConfig  # as converted
+    calibrated: MoHConfig  # the config being calibrated, filled in layer by layer
+    source: SourceModel
+    streams: Streams
+    fixed_shared: int | None  # shared heads per layer, None to choose them per layer
+    refit: bool  # refit o_proj
+    refit_dir: Path
+    dtype: torch.dtype  # of the stored weights
+
+
+@dataclass
+class LayerResult:
+    summary: LayerSummary
+    router_state: dict[str, torch.Tensor]  # the layer's routing tensors by checkpoint name, in the weights' dtype
+    output_projection: Path | None  # file holding the refitted o_proj weight; None when it is not refitted
+
+
+def calibrated_config(config: MoHConfig) -> MoHConfig:
+    """A copy of the converted config with learned routers, binary gates and head fallbacks; its shared heads and
+    routed top-K per layer start as converted and are set as each layer is calibrated."""
+    calibrated = MoHConfig.from_dict(config.to_dict())
+    calibrated.router, calibrated.gate_mode, calibrated.router_bias, calibrated.head_fallback = "learned", "binary", True, True
+    calibrated.shared_heads = [list(heads) for heads in config.shared_heads]
+    calibrated.routed_top_k = [config.layer_top_k(i) for i in range(config.num_layers)]
+    return calibrated
+
+
+def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
+    """Fit one layer on the calibration stream, then move every stream through it."""
+    config, streams = run.config, run.streams
+    layer = run.source.load_layer(layer_idx)
+    attention = layer.self_attn
+    calibration_kwargs, heldout_kwargs = streams.calibration_kwargs[layer_idx], streams.heldout_kwargs[layer_idx]
+    if streams.heldout_tokens:
+        streams.heldout["dense"] = run_layer(layer, streams.heldout["dense"], heldout_kwargs)
+        streams.heldout["before"] = run_as_converted(run, layer, layer_idx, streams.heldout["before"], heldout_kwargs)
+
+    # Step 1: the dense layer's attention inputs and head outputs; steps 2-5: shared heads, router, fallbacks.
+    inputs, outputs = head_outputs_and_inputs(layer, attention, streams.calibration, calibration_kwargs)
+    active = config.active_heads(layer_idx)
+    routing = fit_routing(inputs, outputs, attention.o_proj.weight, config.num_heads, active,
+                          run.settings.head_fallback, run.fixed_shared)
+    del inputs  # the router is fitted: free the inputs before the refit's matrices
+    split = routing.split
+    run.calibrated.shared_heads[layer_idx], run.calibrated.routed_top_k[layer_idx] = split.shared, split.top_k
+    output_projection = None
+    if run.refit and active < config.num_heads:  # step 6
+        seen = routed_head_outputs(outputs, config.num_heads, routing)
+        refitted = refit_output_projection(seen, outputs, attention.o_proj.weight, OUTPUT_RIDGE)
+        del seen
+        attention.o_proj.weight.copy_(refitted)
+        output_projection = save_output_projection(run.refit_dir, layer_idx, refitted.to(run.dtype))
+    del outputs
+
+    # Step 7: the layer runs as MoH and feeds the next layer.
+    module = MoHHeadRouting.attach_to(attention, run.calibrated, layer_idx)
+    module.router.routed_proj.weight.copy_(split.weight)
+    module.router.routed_proj.bias.copy_(split.bias)
+    module.head_fallback.copy_(routing.fallback)
+    streams.calibration = run_layer(layer, streams.calibration, calibration_kwargs)
+    if streams.heldout_tokens:
+        streams.heldout["after"] = run_layer(layer, streams.heldout["after"], heldout_kwargs)
+    router_state = {
+        f"{routing_prefix(layer_idx)}.{name}": tensor.to(run.dtype).clone() for name, tensor in module.state_dict().items()
+    }
+    module.detach()
+    layer.to("meta")  # free this layer's weights before the next one is read
+    release_freed_memory()
+    summary = LayerSummary.measured(layer_idx, split.shared, split.top_k, routing.agreement, split.frequency)
+    return LayerResult(summary=summary, router_state=router_state, output_projection=output_projection)
+
+
+def run_as_converted(run: LayerwiseRun, layer, layer_idx: int, hidden_batches, kwargs_batches) -> list[torch.Tensor]:
+    """The layer with the routing it was converted with (its stored router tensors, if it has any)."""
+    config = run.config
+    routing = MoHHeadRouting.attach_to(layer.self_attn, config, layer_idx)
+    if config.router == "learned" or config.head_fallback:
+        prefix = routing_prefix(layer_idx)
+        routing.load_state_dict({name: run.source.weights.get(f"{prefix}.{name}") for name in routing.state_dict()})
+    hidden_batches = run_layer(layer, hidden_batches, kwargs_batches)
+    routing.detach()
+    return hidden_batches
+
+
+def routing_prefix(layer_idx: int) -> str:
+    return f"model.layers.{layer_idx}.self_attn.moh"
+
+
+def o_proj_name(layer_idx: int) -> str:
+    return f"model.layers.{layer_idx}.self_attn.o_proj.weight"
+
+
+def save_output_projection(refit_dir: Path, layer_idx: int, weight: torch.Tensor) -> Path:
+    """Park a refitted o_proj weight (in the stored dtype) in REFIT_DIR until it replaces the original."""
+    refit_dir.mkdir(exist_ok=True)
+    path = refit_dir / f"{layer_idx}.safetensors"
+    save_file({o_proj_name(layer_idx): weight}, path)
+    return path
+
+
+def heldout_perplexity(source: SourceModel, streams: Streams, text_config) -> dict[str, float]:
+    """Perplexity of the held-out text through the dense, converted and calibrated layers."""
+    head_weight, head_bias = source.lm_head(text_config)
+    return {
+        name: round(math.exp(stream_loss(source.decoder.norm, head_weight, head_bias, states, streams.heldout_tokens, text_config)), 3)
+        for name, states in streams.heldout.items()
+    }
+
+
+def weights_dtype(text_config) -> torch.dtype:
+    dtype = getattr(text_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def write_calibrated_model(folder: Path, calibrated: MoHConfig, results: list[LayerResult], report: dict) -> None:
+    """Router shard and index, config, report, model card section, then the refitted o_proj weights in their shards.
+    Files are unlinked before being rewritten: a staging copy may hard-link them to the original model."""
+    save_router_shard(folder, {name: tensor for result in results for name, tensor in result.router_state.items()})
+    write_moh_config(folder, calibrated)
+    (folder / REPORT_NAME).unlink(missing_ok=True)
+    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    set_card_section(folder, "Calibration", calibration_card_section(report))
+    output_projections = {
+        o_proj_name(result.summary.layer): result.output_projection
+        for result in results if result.output_projection is not None
+    }
+    if output_projections:
+        replace_tensors_in_shards(folder, output_projections)
+    shutil.rmtree(folder / REFIT_DIR, ignore_errors=True)

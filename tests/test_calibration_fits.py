@@ -1,0 +1,93 @@
+"""The per-layer fits of calibration (moh_convert.calibrate.fits) as tensor functions, against direct solutions."""
+import pytest
+import torch
+
+from moh_convert.calibrate.fits import (
+    OUTPUT_RIDGE, RIDGE, HeadSplit, RidgeRouterFit, candidate_shared_counts, choose_head_split, head_importance,
+    refit_output_projection,
+)
+
+
+def ridge_lstsq(design: torch.Tensor, targets: torch.Tensor, strength: float, penalised: int) -> torch.Tensor:
+    """argmin ||design @ B - targets||^2 + strength ||B[:penalised]||^2 via lstsq on the augmented system."""
+    penalty = torch.zeros(penalised, design.shape[1], dtype=torch.float64)
+    penalty[:, :penalised] = torch.eye(penalised, dtype=torch.float64) * strength**0.5
+    augmented = torch.cat([design.double(), penalty])
+    right = torch.cat([targets.double(), torch.zeros(penalised, targets.shape[1], dtype=torch.float64)])
+    return torch.linalg.lstsq(augmented, right).solution
+
+
+def test_ridge_router_fit_is_the_ridge_least_squares_solution_with_an_unpenalised_bias():
+    torch.manual_seed(0)
+    inputs = 3.0 * torch.randn(2500, 12) + 0.5  # more than one 1024-row chunk
+    targets = inputs @ torch.randn(12, 5) + torch.randn(5) + 0.1 * torch.randn(2500, 5)
+    weight, bias = RidgeRouterFit(inputs).fit(targets)
+    assert weight.shape == (5, 12) and bias.shape == (5,) and weight.dtype == bias.dtype == torch.float32
+    strength = RIDGE * inputs.double().pow(2).sum(0).mean().item()
+    design = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1)
+    expected = ridge_lstsq(design, targets, strength, penalised=12)  # [13, 5]
+    torch.testing.assert_close(weight, expected[:-1].T.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bias, expected[-1].float(), atol=1e-5, rtol=1e-4)
+    # One factorisation serves several target sets: each fit equals a fresh one.
+    fit = RidgeRouterFit(inputs)
+    first, second = fit.fit(targets[:, :2]), fit.fit(targets[:, 2:])
+    torch.testing.assert_close(torch.cat([first[0], second[0]]), weight)
+
+
+def test_refit_output_projection_is_the_ridge_least_squares_solution():
+    torch.manual_seed(1)
+    dense = torch.randn(1100, 16)  # more than two 512-row chunks
+    seen = dense.clone()
+    seen[:, 4:8] = 0.0
+    weight = torch.randn(6, 16)
+    refitted = refit_output_projection(seen, dense, weight, OUTPUT_RIDGE)
+    strength = OUTPUT_RIDGE * seen.double().pow(2).sum(0).mean().item()
+    # min ||D W^T - S W'^T||^2 + r ||W' - W||^2: stacked, [S; sqrt(r) I] W'^T = [D W^T; sqrt(r) W^T].
+    augmented = torch.cat([seen.double(), strength**0.5 * torch.eye(16, dtype=torch.float64)])
+    right = torch.cat([(dense @ weight.T).double(), strength**0.5 * weight.T.double()])
+    expected = torch.linalg.lstsq(augmented, right).solution.T
+    assert refitted.shape == weight.shape and refitted.dtype == weight.dtype
+    torch.testing.assert_close(refitted, expected.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_output_projection_refit_lowers_the_error_and_keeps_the_original_without_loss():
+    torch.manual_seed(0)
+    dense = torch.randn(512, 32)
+    # Heads are correlated in real models: the skipped head (columns 8..15) is partly predictable from the others.
+    dense[:, 8:16] = dense[:, 0:8] @ torch.randn(8, 8) + 0.3 * torch.randn(512, 8)
+    weight = torch.randn(16, 32)
+    seen = dense.clone()
+    seen[:, 8:16] = 0.0  # the second of four 8-wide heads skipped
+    refitted = refit_output_projection(seen, dense, weight, OUTPUT_RIDGE)
+    assert refitted.shape == weight.shape and refitted.dtype == weight.dtype
+    error_before = (dense @ weight.T - seen @ weight.T).pow(2).sum()
+    error_after = (dense @ weight.T - seen @ refitted.T).pow(2).sum()
+    assert error_after < 0.9 * error_before
+    # Nothing skipped: the original projection is already the least-squares solution.
+    assert torch.allclose(refit_output_projection(dense, dense, weight, OUTPUT_RIDGE), weight, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixed_shared", [None, 1])
+def test_choose_head_split(fixed_shared):
+    torch.manual_seed(2)
+    num_tokens, hidden, num_heads, head_dim, active = 600, 8, 4, 2, 3
+    inputs = torch.randn(num_tokens, hidden)
+    outputs = torch.randn(num_tokens, num_heads * head_dim)
+    outputs[:, :head_dim] *= 5.0  # head 0 dominates: the oracle keeps it for (nearly) every token
+    o_proj_weight = torch.randn(hidden, num_heads * head_dim)
+    importance = head_importance(outputs, torch.zeros(num_heads, head_dim), o_proj_weight)
+    deviation_check = outputs[-120:].view(120, num_heads, head_dim)
+    split = choose_head_split(inputs, importance, deviation_check, o_proj_weight, active, fixed_shared)
+    assert isinstance(split, HeadSplit)
+    assert sorted(split.shared + split.routed) == list(range(num_heads))
+    assert len(split.shared) + split.top_k == active
+    assert split.weight.shape == (len(split.routed), hidden) and split.bias.shape == (len(split.routed),)
+    assert split.frequency.shape == (num_heads,) and split.frequency[0] == split.frequency.max()
+    if fixed_shared is not None:
+        assert split.shared == [0] and split.error == 0.0
+
+
+def test_candidate_shared_counts():
+    assert candidate_shared_counts(3) == [0, 1, 2, 3]
+    counts = candidate_shared_counts(24)
+    assert counts[0] == 0 and counts[-1] == 24 and len(counts) == 9
