@@ -18,13 +18,22 @@ def text_windows(tokenizer, text: str, window: int, max_windows: int | None = No
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
-    """exp of the mean next-token loss over every predicted token of every window."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, accelerator=None) -> float:
+    """exp of the mean next-token loss over every predicted token of every window.
+
+    With an accelerate `accelerator` (training), each process runs `windows[rank::world]` and the sums are reduced
+    over processes, so every process returns the same value. Token losses are summed in float64 either way. The
+    model runs in eval mode and gets its previous training mode back afterwards."""
+    was_training = model.training
     model.eval()
+    if accelerator is None:
+        device = next(model.parameters()).device
+    else:
+        device = accelerator.device
+        windows = windows[accelerator.process_index::accelerator.num_processes]
+        progress = progress and accelerator.is_local_main_process
     total_loss, total_tokens = 0.0, 0
-    device = next(model.parameters()).device
-    batches = windows.split(batch_size)
-    for batch in tqdm(batches, desc="Perplexity", disable=not progress, leave=False):
+    for batch in tqdm(windows.split(batch_size), desc="Perplexity", disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
@@ -32,6 +41,10 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
         )
         total_loss += loss.item()
         total_tokens += batch[:, 1:].numel()
+    if accelerator is not None:
+        totals = torch.tensor([total_loss, total_tokens], dtype=torch.float64, device=device)
+        total_loss, total_tokens = accelerator.reduce(totals, reduction="sum").tolist()
+    model.train(was_training)
     return math.exp(total_loss / total_tokens)
 
 

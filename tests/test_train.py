@@ -1,4 +1,5 @@
-"""`moh train`: recipe validation, routing losses, distributed equivalence, kill + resume, routers/LoRA saves."""
+"""`moh train`: the learning-rate schedule, routing losses, LoRA under MoH's hooks, distributed equivalence,
+kill + resume, routers/LoRA saves. (Recipes: test_recipe.py; the token stream: test_token_stream.py.)"""
 import json
 import os
 import subprocess
@@ -12,163 +13,19 @@ from transformers import AutoModelForCausalLM
 
 import moh_convert
 from moh_convert import train as moh_train
-from moh_convert.errors import MoHError
+from moh_convert.cli import main as moh_main
+from moh_convert.modeling.modeling_moh import routing_modules
 
 from .conftest import synthetic_text
-
-REPO = Path(__file__).resolve().parents[1]
-CPU_2PROC = REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
-
-
-def child_env(tmp_path: Path) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
+from .train_helpers import CPU_2PROC, REPO, child_env, read_metrics, tiny_moh_models, tiny_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_moh(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
-    """Tiny llama converted twice (3 of 4 heads, 1 shared): query-norm router and learned router; plus text."""
-    root = tmp_path_factory.mktemp("train-tiny")
-    folders = {
-        "query-norm": moh_convert.convert(tiny_checkpoints["llama"], root / "moh-qn", active_heads=3, shared_heads=1),
-        "learned": moh_convert.convert(tiny_checkpoints["llama"], root / "moh-learned", active_heads=3,
-                                       shared_heads=1, router="learned"),
-        "text": root / "train.txt",
-    }
-    folders["text"].write_text(synthetic_text(12000))
-    return folders
-
-
-def tiny_recipe(model: Path, text: Path, output_dir: Path, **changes) -> dict:
-    recipe = {
-        "model": str(model), "output_dir": str(output_dir), "data": {"path": str(text)},
-        "seq_len": 32, "max_steps": 6, "global_batch_tokens": 128, "micro_batch_size": 2,
-        "learning_rate": 3e-3, "final_learning_rate": 3e-4, "warmup_steps": 2, "eval_windows": 2, "eval_every": 3,
-    }
-    recipe.update(changes)
-    return recipe
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def write_recipe(path: Path, recipe: dict) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-# ------------------------------------------------------------------------------------------- validation
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Recipe errors must come before any model is loaded: loading now fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the recipe was validated")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
-
-
-@pytest.mark.parametrize(
-    "changes, key, words",
-    [
-        ({"learning_rte": 1e-4}, "learning_rte", "valid keys: model, output_dir, data"),
-        ({"data": {"path": "x.txt", "colum": "text"}}, "data.colum", "valid keys: path, dataset"),
-        ({"data": {"path": "no-such-file.txt"}}, "data.path", "not found"),
-        ({"data": {}}, "data", "exactly one of `path`"),
-        ({"seq_len": 512}, "seq_len", "max_position_embeddings (256)"),
-        ({"global_batch_tokens": 100}, "global_batch_tokens", "multiple of seq_len"),
-        ({"global_batch_tokens": 32 * 6, "micro_batch_size": 4}, "global_batch_tokens", "micro_batch_size (4)"),
-        ({"max_tokens": 1000}, "max_tokens", "exactly one"),
-        ({"warmup_steps": 6}, "warmup_steps", "below the 6 training steps"),
-        ({"trainable": "routers"}, "trainable", "parameter-free"),
-        ({"trainable": "everything"}, "trainable", "'all', 'routers' or 'lora'"),
-        ({"trainable": "lora", "lora": {"save": "adapter", "target_modules": ["o_proj"]}}, "lora.target_modules",
-         "o_proj"),
-    ],
-)
-def test_bad_recipes_fail_before_loading_and_name_the_key(tiny_moh, tmp_path, no_model_loading, changes, key, words):
-    recipe = tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], tmp_path / "run")
-    data_changes = changes.pop("data", None)
-    recipe.update(changes)
-    if data_changes is not None:
-        recipe["data"] = data_changes
-    with pytest.raises(MoHError) as error:
-        moh_train.train(recipe)
-    assert f"'{key}'" in str(error.value) and words in str(error.value), str(error.value)
-
-
-def test_set_overrides_are_yaml_values_and_reach_nested_keys(tiny_moh, tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], tmp_path / "run"))
-    recipe = moh_train.load_recipe(path, ["max_steps=9", "lora.r=4", "lora.target_modules=[q_proj, v_proj]",
-                                          "max_grad_norm=null"])
-    assert (recipe.max_steps, recipe.lora.r, recipe.lora.target_modules, recipe.max_grad_norm) == (
-        9, 4, ["q_proj", "v_proj"], None)
-    with pytest.raises(MoHError, match="KEY=VALUE"):
-        moh_train.load_recipe(path, ["max_steps"])
-    with pytest.raises(MoHError, match="unknown recipe key 'lora.rank'"):
-        moh_train.load_recipe(path, ["lora.rank=4"])
-
-
-def test_existing_checkpoints_need_resume(tiny_moh, tmp_path, no_model_loading):
-    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").write_text("{}")
-    with pytest.raises(MoHError, match="'output_dir'.*--resume"):
-        moh_train.train(tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], tmp_path / "run"))
+    return tiny_moh_models(tiny_checkpoints, tmp_path_factory.mktemp("train-tiny"))
 
 
 # ------------------------------------------------------------------------------------------- pieces of the loop
-
-
-class CountingTokenizer:
-    """Records every text it is asked to tokenize."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.texts, self.eos_token_id = tokenizer, [], tokenizer.eos_token_id
-
-    def __call__(self, text, **kwargs):
-        self.texts.append(text)
-        return self.tokenizer(text, **kwargs)
-
-
-@pytest.mark.parametrize("kind", ["txt", "jsonl", "hub-streaming"])
-def test_data_stream_resumes_from_its_state_without_rereading(kind, tmp_path, monkeypatch):
-    """The stream's saved position (epoch, pieces read, leftover tokens, a streamed dataset's own state) gives the
-    same sequences as reading on, across piece and epoch boundaries; tokenization never re-runs on skipped text."""
-    from .conftest import tiny_tokenizer
-
-    monkeypatch.setattr(moh_train, "TEXT_CHUNK_CHARS", 300)  # several pieces per file
-    documents = [synthetic_text(40 + 13 * i, seed=i) for i in range(12)]
-    if kind == "txt":
-        (tmp_path / "a.txt").write_text("\n".join(documents[:6]) + "\n")
-        (tmp_path / "b.txt").write_text("\n".join(documents[6:]) + "\n")
-        source = moh_train.DataSource(path=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])
-    else:
-        folder = tmp_path / "dataset"
-        folder.mkdir()
-        (folder / "train.jsonl").write_text("".join(json.dumps({"body": text}) + "\n" for text in documents))
-        source = (moh_train.DataSource(path=str(folder / "train.jsonl"), column="body") if kind == "jsonl" else
-                  moh_train.DataSource(dataset=str(folder), column="body", streaming=True))
-    tokenizer = tiny_tokenizer()
-    total_tokens = sum(len(text) + 1 for text in documents)
-    reference = moh_train.PackedTokenStream(source, tokenizer, 64)
-    expected = moh_train.take(reference, 2 * total_tokens // 64 + 3)  # more than one epoch
-    first_piece = documents[0] if kind != "txt" else next(moh_train.local_pieces(source))[0]
-    for split in (1, 7, total_tokens // 64 + 1):
-        stream = moh_train.PackedTokenStream(source, tokenizer, 64)
-        head = moh_train.take(stream, split)
-        state = json.loads(json.dumps(stream.state_dict()))  # it goes through trainer_state.json
-        counting = CountingTokenizer(tokenizer)
-        resumed = moh_train.PackedTokenStream(source, counting, 64)
-        resumed.load_state_dict(state)
-        tail = moh_train.take(resumed, len(expected) - split)
-        assert torch.equal(torch.cat([head, tail]), expected), split
-        # it carries on where it stopped: the first text it tokenizes is not the start of the data
-        assert counting.texts[0] != first_piece, split
 
 
 def test_learning_rate_warms_up_then_reaches_the_final_rate():
@@ -185,31 +42,33 @@ def test_routing_losses_follow_their_formulas(tiny_moh):
         for name, parameter in model.named_parameters():
             if ".moh." in name:
                 parameter.normal_(0, 0.5)
-    routings = moh_train.routing_modules(model)
-    logits = moh_train.RouterLogits(routings)
+    routings = routing_modules(model)
     model.train()
     model(input_ids=torch.randint(4, 100, (2, 16)))
-    moh_losses = moh_train.routing_losses(routings, logits, "moh")
-    moa_losses = moh_train.routing_losses(routings, logits, "moa")
+    moh_losses = moh_train.routing_losses(routings, "moh", with_z_loss=True)
+    moa_losses = moh_train.routing_losses(routings, "moa", with_z_loss=True)
     expected_balance, expected_z = [], []
-    for index, routing in enumerate(routings):
-        probs, mask = routing.last_router_probs, routing.last_routed_mask
+    for routing in routings:
+        probs, mask, logits = routing.last_router_probs, routing.last_routed_mask, routing.last_router_logits
         expected_balance.append((probs.mean(dim=(0, 1)) * mask.mean(dim=(0, 1))).sum())
-        expected_z.append((torch.logsumexp(logits.logits[index], -1) ** 2).mean())
-        # the captured logits are the router's: softmax of them is what it returned
-        torch.testing.assert_close(logits.logits[index].softmax(-1), probs)
-    torch.testing.assert_close(moh_losses["load_balance_loss"], torch.stack(expected_balance).mean())
-    torch.testing.assert_close(moa_losses["load_balance_loss"], torch.stack(expected_balance).mean() * 3 / 2)
-    torch.testing.assert_close(moh_losses["z_loss"], torch.stack(expected_z).mean())
-    assert moh_losses["load_balance_loss"].requires_grad  # it trains the routers
-    assert 0 < moh_losses["load_spread"] <= 1
+        expected_z.append((torch.logsumexp(logits, -1) ** 2).mean())
+        # the recorded logits are the router's: softmax of them is the routing probabilities
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits.softmax(-1), probs)
+    torch.testing.assert_close(moh_losses.load_balance_loss, torch.stack(expected_balance).mean())
+    torch.testing.assert_close(moa_losses.load_balance_loss, torch.stack(expected_balance).mean() * 3 / 2)
+    torch.testing.assert_close(moh_losses.z_loss, torch.stack(expected_z).mean())
+    assert moh_losses.z_loss.requires_grad and moh_losses.z_loss > 0
+    assert moh_train.routing_losses(routings, "moh", with_z_loss=False).z_loss == 0  # z-loss only when weighted
+    assert moh_losses.load_balance_loss.requires_grad  # it trains the routers
+    assert 0 < moh_losses.load_spread <= 1
 
 
-@pytest.mark.parametrize("attention_path, hooks_moved", [("sparse", 2), ("masked", 4)])
-def test_lora_on_o_proj_sees_the_gated_heads(tiny_moh, attention_path, hooks_moved):
+@pytest.mark.parametrize("attention_path", ["sparse", "masked"])
+def test_lora_on_o_proj_sees_the_gated_heads(tiny_moh, attention_path):
     """peft wraps o_proj and q_proj; MoH's hooks on them (the query-norm router's q_proj hook; the masked path's
-    o_proj gate) must move to the wrappers, or the LoRA branches see ungated heads / queries the router does not
-    read, and the merged model (which routes and gates everything) would differ from the trained one."""
+    o_proj gate) must be re-attached to the wrappers, or the LoRA branches see ungated heads / queries the router
+    does not read, and the merged model (which routes and gates everything) would differ from the trained one."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -222,16 +81,40 @@ def test_lora_on_o_proj_sees_the_gated_heads(tiny_moh, attention_path, hooks_mov
                 parameter.normal_(0, 0.2)
     input_ids = torch.randint(4, 100, (2, 12))
     with torch.no_grad():
-        unmoved = peft_model(input_ids=input_ids).logits
-        # Per layer (2 layers): the q_proj hook, plus the o_proj gate on the masked path.
-        assert moh_train.move_routing_hooks_to_lora_wrappers(peft_model) == hooks_moved
+        not_reattached = peft_model(input_ids=input_ids).logits
+        routings = routing_modules(peft_model)
+        assert len(routings) == 2
+        for routing in routings:
+            routing.attach(routing.attention_block)
+            # the hooks now sit on peft's wrappers: the q_proj hook, and on the masked path the o_proj gate
+            assert type(routing.attention_block.q_proj).__module__.startswith("peft")
+            assert (routing.output_gate_handle is not None) == (attention_path == "masked")
         trained_view = peft_model(input_ids=input_ids).logits
         # What the merged save holds, loaded as a plain MoH model (merging drops the wrappers and their hooks).
         merged_model = AutoModelForCausalLM.from_pretrained(tiny_moh["query-norm"], dtype=torch.float32).eval()
         merged_model.load_state_dict(peft_model.merge_and_unload().state_dict())
         merged = merged_model(input_ids=input_ids).logits
     torch.testing.assert_close(trained_view, merged, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(unmoved, merged, atol=1e-3)  # without the move, training sees another model
+    assert not torch.allclose(not_reattached, merged, atol=1e-3)  # without re-attaching, training sees another model
+
+
+def test_make_trainable_lora_reattaches_the_routing_hooks(tiny_moh, tmp_path):
+    """`trainable: lora` puts every routing module's hooks on the LoRA wrappers (make_trainable re-attaches them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    recipe = moh_train.TrainRecipe(**tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], tmp_path / "run",
+                                                 trainable="lora", lora={"target_modules": ["q_proj", "o_proj"]}))
+    plan = moh_train.plan_training(recipe, num_processes=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_moh["query-norm"], dtype=torch.float32)
+    model.set_attention_path("masked")
+    model = moh_train.make_trainable(model, recipe, plan)
+    for routing in routing_modules(model):
+        attention = routing.attention_block
+        assert isinstance(attention.q_proj, BaseTunerLayer) and isinstance(attention.o_proj, BaseTunerLayer)
+        assert routing.input_hook_handle.id in attention.q_proj._forward_hooks
+        assert routing.output_gate_handle.id in attention.o_proj._forward_pre_hooks
+        assert not attention.q_proj.get_base_layer()._forward_hooks
+        assert not attention.o_proj.get_base_layer()._forward_pre_hooks
 
 
 def test_gradient_checkpointing_trains_the_same(tiny_moh, tmp_path):
@@ -253,13 +136,14 @@ def test_gradient_checkpointing_trains_the_same(tiny_moh, tmp_path):
 
 KILL_AFTER_FIRST_CHECKPOINT = r"""
 import os, signal, sys
-from moh_convert import train
-save_checkpoint = train.save_checkpoint
+from moh_convert.cli import main
+from moh_convert.train import loop
+save_checkpoint = loop.save_checkpoint
 def save_then_die(*args, **kwargs):
     save_checkpoint(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)  # as a node failure would: no cleanup, no final save
-train.save_checkpoint = save_then_die
-sys.exit(train.main(sys.argv[1:]))
+loop.save_checkpoint = save_then_die
+sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
@@ -279,7 +163,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_
     (run / "checkpoints" / ".step-00000004.partial").mkdir()
 
     # The restart goes through the CLI entry point (in this process: no second interpreter start-up to wait for).
-    assert moh_train.main([str(recipe_path), "--resume"]) == 0
+    assert moh_main(["train", str(recipe_path), "--resume"]) == 0
     assert "(step 2, 8 sequences done)" in capsys.readouterr().out
 
     expected, actual = read_metrics(reference), read_metrics(run)
