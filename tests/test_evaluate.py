@@ -15,15 +15,15 @@ from transformers import PreTrainedTokenizerFast
 
 import moh_convert
 from moh_convert.cli import main
-from moh_convert.evaluate import (
+from moh_convert.eval_tasks import (
     EvalOptions,
     TaskRequest,
     builtin_task_index,
     effective_shots,
-    evaluate,
     requested_tasks,
     write_local_tasks,
 )
+from moh_convert.evaluate import evaluate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REAL_EVAL_DATA = Path(os.environ.get("MOH_DATA_DIR", REPO_ROOT.parent / "shared" / "data")) / "eval"
@@ -282,7 +282,7 @@ def test_unknown_task_and_missing_data_dir_are_errors(tmp_path):
 
 
 def test_file_in_the_wrong_field_layout_is_a_one_line_error(tmp_path):
-    from moh_convert.evaluate import load_tasks, task_manager_for
+    from moh_convert.eval_tasks import load_tasks, task_manager_for
 
     data_dir = write_data_dir(tmp_path / "data", {"piqa_validation.jsonl": ARC_ROWS})  # ARC rows under PIQA's name
     requests = [TaskRequest("piqa", 0)]
