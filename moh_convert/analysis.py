@@ -75,9 +75,11 @@ def task_documents(loaded_task, limit: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- counting
 
 
-def routing_modules(model) -> list:
+def moh_routing_modules(model) -> list:
     """The MoHHeadRouting module of every layer; MoHError for a model that is not MoH."""
-    routings = getattr(model, "head_routing", None)
+    from .modeling.modeling_moh import routing_modules
+
+    routings = routing_modules(model)
     if not routings:
         raise MoHError("the model has no routed heads (not a MoH model); convert it first with `moh convert`")
     return routings
@@ -87,7 +89,7 @@ def count_head_selections(model, tokenizer, texts: list[str], batch_size: int) -
     """Per layer, how many real tokens selected each routed head; and the number of real tokens."""
     import torch
 
-    routings = routing_modules(model)
+    routings = moh_routing_modules(model)
     counts = [torch.zeros(len(routing.routed_heads), dtype=torch.float64) for routing in routings]
     num_tokens = 0
     device = next(model.parameters()).device
@@ -205,7 +207,7 @@ def head_load(model: str | os.PathLike, **options) -> dict:
         loaded = load_tasks(task_manager, requests)
         documents = {item.request.name: task_documents(item, opts.limit) for item in loaded}
         model_obj, tokenizer = load_model(str(model), Path(work_dir) / "model", opts.dtype, opts.device)
-    routings = routing_modules(model_obj)
+    routings = moh_routing_modules(model_obj)
     layer = resolve_layer(opts.layer, len(routings))
     prepare_padding(tokenizer)
 
@@ -235,35 +237,3 @@ def prepare_padding(tokenizer) -> None:
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-
-
-def register_cli(commands) -> None:
-    """`moh heads MODEL [options]`: flags generated from HeadsOptions."""
-    import argparse
-
-    from .options import add_options_to_parser, options_from_args
-
-    parser = commands.add_parser(
-        "heads",
-        help="plot how often each routed head is selected, per task (the MoH paper's head-load figure)",
-        description="Run each task's documents (lm-eval's zero-shot prompt plus the reference answer) through the MoH "
-        "MODEL with routing recorded and plot, for one layer, the share of tokens that selected each routed head: one "
-        "panel per task. Padding tokens are not counted. The per-layer densities of every task go to a JSON file "
-        "next to the PNG (each layer's densities sum to the routed top-K).",
-        epilog="examples:\n"
-        "  moh heads smollm2-moh --tasks arc_easy,piqa,winogrande --data-dir ../shared/data/eval --output heads.png\n"
-        "  moh heads smollm2-moh --tasks gsm8k,lambada_openai --layer 0 --limit 100",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("model", metavar="MODEL", help="MoH model folder (or Hub id)")
-    add_options_to_parser(parser, HeadsOptions)
-
-    def run(args):
-        options = options_from_args(args, HeadsOptions)
-        data = head_load(args.model, **options)
-        output = Path(options.get("output", HeadsOptions.model_fields["output"].default))
-        tasks = ", ".join(data["tasks"])
-        print(f"head load of layer {data['plotted_layer']} for {tasks} written to {output} "
-              f"(all layers: {output.with_suffix('.json')})")
-
-    parser.set_defaults(handler=run)
