@@ -6,9 +6,7 @@ re-exported here).
 """
 import json
 import os
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
 from .errors import MoHError
@@ -24,7 +22,9 @@ from .eval_tasks import (  # noqa: F401 (re-exported: moh_convert.analysis and c
     task_manager_for,
     write_local_tasks,
 )
+from .model_folder import StagedFolder
 from .options import validate_options
+from .sources import check_source
 
 # lm-eval's default of 100000 bootstrap resamples takes minutes for perplexity-type stderrs; 1000 is plenty for
 # the standard errors it reports next to scores (the table itself does not use them).
@@ -187,33 +187,45 @@ def default_output(model: str) -> Path:
 # ---------------------------------------------------------------------------------------------------- API and CLI
 
 
+def is_eval_output(path: Path) -> bool:
+    """A folder an earlier `moh eval` wrote (which a new run may replace)."""
+    return any((path / name).exists() for name in ("comparison.json", "results_moh.json", "results_table.md"))
+
+
 def evaluate(model: str | os.PathLike, **options) -> dict:
     """Evaluate MODEL (and `baseline`, if given) with lm-eval and write the results to `output`.
 
     Keyword options are those of `EvalOptions` (the same as the CLI flags). Writes results_moh.json and
-    results_baseline.json (lm-eval's results), comparison.json and results_table.md; returns the comparison.
+    results_baseline.json (lm-eval's results), comparison.json and results_table.md; returns the comparison. The
+    output folder is assembled out of sight and renamed into place when complete; it replaces an earlier `moh eval`
+    output (or an empty folder), never another folder.
     """
     opts = validate_options(EvalOptions, options)
     model = str(model)
     requests = requested_tasks(opts)
+    # Both models are checked before the first one runs: a missing baseline must not cost a whole evaluation.
+    check_source(model, "model")
+    if opts.baseline:
+        check_source(opts.baseline, "--baseline")
     output = Path(opts.output) if opts.output else default_output(model)
-    output.mkdir(parents=True, exist_ok=True)
-    twins_folder = output / "local_tasks"
-    shutil.rmtree(twins_folder, ignore_errors=True)  # ours: rewritten on every run
-    task_manager = task_manager_for(requests, opts.data_dir, twins_folder)
-    loaded = load_tasks(task_manager, requests)
-
-    with tempfile.TemporaryDirectory(prefix="moh-eval-") as work_dir:
-        moh_results, fraction = evaluate_one_model(model, "moh", loaded, task_manager, opts, Path(work_dir))
-        write_results_json(moh_results, output / "results_moh.json")
+    local_models = [Path(name).expanduser() for name in (model, opts.baseline) if name]
+    with StagedFolder(output, sources=[path for path in local_models if path.exists()], overwrite=True,
+                      replaceable=is_eval_output, what="a `moh eval` output folder") as staged:
+        folder = staged.path
+        folder.mkdir()
+        scratch = staged.work_dir / ".models"  # dequantized GGUF sources; not part of the output
+        task_manager = task_manager_for(requests, opts.data_dir, folder / "local_tasks")
+        loaded = load_tasks(task_manager, requests)
+        moh_results, fraction = evaluate_one_model(model, "moh", loaded, task_manager, opts, scratch)
+        write_results_json(moh_results, folder / "results_moh.json")
         baseline_results = None
         if opts.baseline:
-            baseline_results, _ = evaluate_one_model(opts.baseline, "baseline", loaded, task_manager, opts, Path(work_dir))
-            write_results_json(baseline_results, output / "results_baseline.json")
-
-    comparison = build_comparison(model, opts.baseline, fraction, loaded, moh_results, baseline_results)
-    (output / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    (output / "results_table.md").write_text(table_document(comparison, opts))
+            baseline_results, _ = evaluate_one_model(opts.baseline, "baseline", loaded, task_manager, opts, scratch)
+            write_results_json(baseline_results, folder / "results_baseline.json")
+        comparison = build_comparison(model, opts.baseline, fraction, loaded, moh_results, baseline_results)
+        (folder / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+        (folder / "results_table.md").write_text(table_document(comparison, opts))
+        staged.move_into_place()
     return comparison
 
 

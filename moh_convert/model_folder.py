@@ -7,6 +7,7 @@ and the staging folder every command assembles it in before renaming it into pla
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -201,37 +202,167 @@ def read_json_object(path: Path, fix: str) -> dict:
 # ---------------------------------------------------------------------------------------------- staging
 
 
-class StagedFolder:
-    """Assemble a folder out of sight and rename it into place when complete.
+def is_moh_model_folder(path: Path) -> bool:
+    """A folder `moh convert` / `moh calibrate` / `moh train` wrote: config.json with model_type "moh"."""
+    try:
+        return json.loads((path / CONFIG_NAME).read_text()).get("model_type") == "moh"
+    except (OSError, ValueError, AttributeError):
+        return False
 
-    `with StagedFolder(output) as staged:` makes a hidden work folder `.OUTPUT.partial-*` next to OUTPUT; write the
-    new folder at `staged.path` (not created: a copy or `save_pretrained` may create it) and scratch files under
-    `staged.work_dir`, then call `staged.move_into_place()`. The work folder is removed on every way out, so an
-    interrupted run leaves no OUTPUT and an existing OUTPUT is kept until the new one is complete."""
+
+def is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def check_output_location(output: Path, sources: list[Path]) -> None:
+    """OUTPUT must not be, contain or lie inside a folder (or file) the command reads: replacing OUTPUT would
+    delete it. Paths are compared resolved (symbolic links followed)."""
+    for source in sources:
+        source = Path(source).expanduser().resolve()
+        if output == source:
+            raise MoHError(f"output {output} is the source itself; choose another output folder")
+        if output in source.parents:
+            raise MoHError(f"output {output} contains the source {source}; choose an output folder outside it")
+        if source in output.parents:
+            raise MoHError(f"output {output} lies inside the source {source}; choose an output folder outside it")
+
+
+def prepare_output_parent(output: Path) -> None:
+    """Create OUTPUT's parent folders, or say in one line why they cannot be (a file in the way, no permission)."""
+    existing = output.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MoHError(f"cannot create {output}: {existing} is a file, not a folder; choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MoHError(f"cannot write to {existing} (permission denied); choose an output folder you can write to")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MoHError(f"cannot create {output.parent}: {error.strerror or error}; choose another output folder") from None
+
+
+class OutputLock:
+    """An exclusive lock on OUTPUT for a whole run (`.OUTPUT.lock` next to it, flock'ed), so a second command
+    writing the same folder stops at once with one line instead of racing the first. The lock file is removed when
+    the run ends; a killed run's lock file is released by the OS and taken over by the next run."""
 
     def __init__(self, output: Path):
         self.output = output
+        self.path = output.parent / f".{output.name}.lock"
+        self.handle = None
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX (Windows): no lock, as before
+            return self
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            self.handle = None
+            raise MoHError(
+                f"another moh command is writing {self.output} right now ({self.path.name} is locked); wait for it "
+                "to finish or choose another output folder"
+            ) from None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a waiting run then takes a fresh file
+            self.handle.close()
+            self.handle = None
+
+
+def remove_stale_partial_folders(output: Path) -> list[Path]:
+    """Hidden `.OUTPUT.partial-*` folders of runs that were killed. Only called with OUTPUT's lock held, so no live
+    run owns any of them. Returns what was removed (the caller says so)."""
+    stale = sorted(path for path in output.parent.glob(f".{output.name}.partial-*") if path.is_dir())
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+class StagedFolder:
+    """Assemble a folder out of sight and rename it into place when complete, safely.
+
+    `with StagedFolder(output, sources=[...], overwrite=...) as staged:` checks OUTPUT before any work (not the
+    source, not inside or around it, parent writable; an existing OUTPUT only with `overwrite` and only if it is a
+    folder `replaceable` accepts or an empty one), locks OUTPUT for the run, removes hidden `.OUTPUT.partial-*`
+    folders of killed runs (and says so), and makes this run's own work folder next to OUTPUT. Write the new
+    folder at `staged.path` (not created: a copy or `save_pretrained` may create it), scratch files under
+    `staged.work_dir`, then call `staged.move_into_place()`. The work folder is removed on every way out, so an
+    interrupted run leaves no OUTPUT and an existing OUTPUT is kept until the new one is complete."""
+
+    def __init__(self, output: Path, sources: list[Path] = (), overwrite: bool = False,
+                 replaceable=is_moh_model_folder, what: str = "a MoH model folder"):
+        self.output = Path(output).expanduser().resolve()
+        self.sources, self.overwrite, self.replaceable, self.what = list(sources), overwrite, replaceable, what
         self.work_dir: Path | None = None
+        self.lock = OutputLock(self.output)
+        self.existing: tuple[int, int] | None = None  # (device, inode) of the OUTPUT found at the start
 
     @property
     def path(self) -> Path:
         return self.work_dir / self.output.name
 
+    def check_existing_output(self) -> None:
+        output = self.output
+        if not output.exists():
+            return
+        if not output.is_dir():
+            raise MoHError(f"output {output} is a file; choose a folder path")
+        if not self.overwrite:
+            raise MoHError(f"output {output} already exists; pass --overwrite to replace it or choose another folder")
+        if not (is_empty_folder(output) or self.replaceable(output)):
+            raise MoHError(
+                f"output {output} exists and is not {self.what}; --overwrite only replaces a folder moh_convert "
+                "wrote (or an empty one): choose another folder, or remove it yourself"
+            )
+        stat = output.stat()
+        self.existing = (stat.st_dev, stat.st_ino)
+
     def __enter__(self) -> "StagedFolder":
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.work_dir = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.partial-", dir=self.output.parent))
+        check_output_location(self.output, self.sources)
+        prepare_output_parent(self.output)
+        self.lock.__enter__()
+        try:
+            self.check_existing_output()
+            stale = remove_stale_partial_folders(self.output)
+            if stale:
+                print(f"moh: removed {len(stale)} unfinished folder(s) of an interrupted earlier run: "
+                      + ", ".join(path.name for path in stale), file=sys.stderr)
+            self.work_dir = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.partial-", dir=self.output.parent))
+        except BaseException:
+            self.lock.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc_info) -> None:
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        try:
+            if self.work_dir is not None:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+        finally:
+            self.lock.__exit__(*exc_info)
 
     def move_into_place(self) -> Path:
-        """Rename the finished folder to OUTPUT; an existing OUTPUT is first moved into the work folder (and deleted
-        with it), so at no moment is there neither."""
-        if self.output.exists():
-            self.output.rename(self.work_dir / f"{self.output.name}.previous")
-        self.path.rename(self.output)
-        return self.output
+        """Rename the finished folder to OUTPUT, after checking that OUTPUT is still what it was at the start (no
+        folder appeared, the one being replaced was not swapped for another). An existing OUTPUT is first moved
+        into the work folder (and deleted with it), so at no moment is there neither."""
+        output = self.output
+        if output.exists() or output.is_symlink():
+            stat = output.lstat()
+            if self.existing is None:
+                raise MoHError(f"{output} appeared while this run was working; it was left as it is and nothing was "
+                               "written: remove it or choose another output folder, then run again")
+            if (stat.st_dev, stat.st_ino) != self.existing:
+                raise MoHError(f"{output} was replaced while this run was working; it was left as it is and nothing "
+                               "was written: run again")
+            output.rename(self.work_dir / f"{output.name}.previous")
+        self.path.rename(output)
+        return output
 
 
 def link_or_copy(source, destination) -> None:

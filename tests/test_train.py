@@ -174,6 +174,11 @@ def test_sigkill_after_checkpoint_then_resume_matches_an_uninterrupted_run(tiny_
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["step"]
         assert got.get("heldout_perplexity") == pytest.approx(want.get("heldout_perplexity"), rel=1e-5)
+    # On disk the same as one clean run: the dead run's unfinished checkpoint is gone, no hidden staging or lock.
+    def listing(folder):
+        return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+    assert listing(run) == listing(reference)
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
     final_expected, final_actual = tensors(reference / "model"), tensors(run / "model")
     assert final_expected.keys() == final_actual.keys()
     for name in final_expected:

@@ -3,6 +3,7 @@ RNG) and `trainer_state.json` (step, data position, ...), which is written last 
 complete. `--resume` continues from the newest complete one."""
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def complete_checkpoints(checkpoints: Path) -> list[Path]:
         return []
     complete = [path for path in checkpoints.glob("step-*") if (path / TRAINER_STATE).is_file()]
     return sorted(complete, key=lambda path: int(path.name.split("-")[1]))
+
+
+def remove_unfinished_checkpoints(checkpoints: Path) -> None:
+    """Checkpoints a killed run was still writing (`.step-*.partial`): never resumed from, so removed (and said)."""
+    unfinished = sorted(checkpoints.glob(".step-*.partial")) if checkpoints.is_dir() else []
+    for path in unfinished:
+        shutil.rmtree(path, ignore_errors=True)
+    if unfinished:
+        print(f"moh train: removed {len(unfinished)} unfinished checkpoint(s) of an interrupted run: "
+              + ", ".join(path.name for path in unfinished), file=sys.stderr)
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:

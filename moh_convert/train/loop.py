@@ -10,6 +10,7 @@
        checkpoints every `save_every` steps and `--resume` (checkpoints.py)
     -> final model folder with the same layout as `moh convert` output and a Training section in its card (save.py).
 """
+import contextlib
 import importlib.util
 import os
 import time
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ..model_folder import OutputLock, check_output_location, prepare_output_parent
 from ..modeling.modeling_moh import routing_modules
 from ..perplexity import perplexity
-from .checkpoints import CHECKPOINTS_DIR, resume_point, save_checkpoint
+from .checkpoints import CHECKPOINTS_DIR, remove_unfinished_checkpoints, resume_point, save_checkpoint
 from .losses import routing_losses
 from .metrics import MetricsLog, RunOutcome, training_summary
 from .model_setup import build_optimizer, enable_gradient_checkpointing, learning_rate_at, load_model, make_trainable
@@ -33,10 +35,7 @@ from .token_stream import PackedTokenStream, heldout_windows, take
 def train(recipe: str | Path | dict | TrainRecipe, overrides: list[str] = (), resume: bool = False) -> Path:
     """Run a recipe (path, dict or TrainRecipe) in this process, under `accelerate launch` when distributed.
     Returns the final model folder (output_dir/model)."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+    from accelerate import PartialState
 
     if not isinstance(recipe, TrainRecipe):
         recipe = load_recipe(recipe, list(overrides))
@@ -44,12 +43,30 @@ def train(recipe: str | Path | dict | TrainRecipe, overrides: list[str] = (), re
     plan = plan_training(recipe, state.num_processes, str(state.distributed_type).split(".")[-1], resume)
 
     output_dir = Path(recipe.output_dir).expanduser().resolve()
+    check_output_location(output_dir, [Path(plan.model_folder)])
+    with contextlib.ExitStack() as run_lock:
+        if state.is_main_process:
+            # One run per output_dir at a time; what a killed run left half-written is removed (and said).
+            prepare_output_parent(output_dir)
+            run_lock.enter_context(OutputLock(output_dir))
+            remove_unfinished_checkpoints(output_dir / CHECKPOINTS_DIR)
+        return run_training(recipe, plan, output_dir, resume,
+                            cpu=state.device.type == "cpu" and state.num_processes > 1)
+
+
+def run_training(recipe: TrainRecipe, plan: TrainingPlan, output_dir: Path, resume: bool, cpu: bool) -> Path:
+    """The run itself, once the recipe is planned and output_dir is this run's."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
     accelerator = Accelerator(
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         mixed_precision=recipe.mixed_precision,
         log_with=["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else None,
         project_dir=str(output_dir),
-        cpu=state.device.type == "cpu" and state.num_processes > 1,
+        cpu=cpu,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(recipe.seed)

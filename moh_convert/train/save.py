@@ -19,7 +19,9 @@ def save_final_model(accelerator, model, recipe: TrainRecipe, plan: TrainingPlan
     state_dict = accelerator.get_state_dict(model)
     output = Path(recipe.output_dir).expanduser().resolve() / FINAL_MODEL_DIR
     if accelerator.is_main_process:
-        with StagedFolder(output) as staged:
+        # The run's own earlier result (same output_dir) is replaced; output_dir itself is locked by the run.
+        with StagedFolder(output, overwrite=True, replaceable=is_saved_model_folder,
+                          what="a model folder saved by `moh train`") as staged:
             source = Path(plan.model_folder)
             if recipe.trainable == "lora" and recipe.lora.save == "adapter":
                 accelerator.unwrap_model(model).save_pretrained(staged.path, state_dict=state_dict)
@@ -30,6 +32,10 @@ def save_final_model(accelerator, model, recipe: TrainRecipe, plan: TrainingPlan
             staged.move_into_place()
     accelerator.wait_for_everyone()
     return output
+
+
+def is_saved_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def save_dtype(recipe: TrainRecipe, plan: TrainingPlan) -> torch.dtype:
