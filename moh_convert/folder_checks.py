@@ -1,8 +1,12 @@
-"""Is a MoH model folder complete and loadable? The checks `moh push` runs before anything is uploaded: config with
-`auto_map`, the modeling files it names, weights matching their index, tokenizer, model card, and a load plus a
-forward pass in a fresh Python where moh_convert cannot be imported (how the people who download it load it)."""
+"""Is a MoH model folder complete, running only our code, and loadable? The checks `moh push` runs before anything is
+uploaded: config with `auto_map`, the modeling files it names, weights matching their index, tokenizer, model card;
+then that the folder's Python code is the code moh_convert ships (nothing from the folder runs before that), and a
+load plus a forward pass in a fresh Python, with a minimal environment, where moh_convert cannot be imported (how the
+people who download it load it)."""
+import hashlib
 import json
 import os
+import site
 import subprocess
 import sys
 import tempfile
@@ -10,13 +14,19 @@ from pathlib import Path
 
 from .errors import MoHError
 from .model_card import read_model_card, read_moh_config
-from .model_folder import INDEX_NAME, SINGLE_WEIGHTS_NAME, read_weight_index
+from .model_folder import (
+    AUTO_MAP, CONFIG_NAME, INDEX_NAME, MODELING_DIR, MODELING_FILES, SINGLE_WEIGHTS_NAME, read_json_object,
+    read_weight_index,
+)
 from .safetensors_stream import read_safetensors_header
 
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 TOKENIZER_VOCAB_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 MAX_NAMES_IN_MESSAGE = 5
+# sha256 of the modeling files earlier moh_convert versions shipped; the current files count without being listed.
+KNOWN_MODELING_FILES = MODELING_DIR / "known_modeling_files.json"
+CUSTOM_CODE_FIX = "re-run `moh convert`, or pass --allow-custom-code if you wrote it yourself"
 
 
 def check_folder_files(folder: Path) -> None:
@@ -127,6 +137,70 @@ def check_tokenizer(folder: Path) -> None:
         )
 
 
+# ---------------------------------------------------------------- the folder's code is ours
+
+
+def is_uploaded(relative_path: Path) -> bool:
+    """Hidden files and folders (.cache, .git) and Python bytecode are local leftovers, not part of the model."""
+    parts = relative_path.parts
+    return not any(part.startswith(".") or part == "__pycache__" for part in parts) and relative_path.suffix != ".pyc"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def known_modeling_hashes() -> dict[str, set[str]]:
+    """File name -> sha256 of every version of it moh_convert has shipped: the installed file plus earlier ones."""
+    earlier = json.loads(KNOWN_MODELING_FILES.read_text())["sha256"]
+    return {name: {file_sha256(MODELING_DIR / name), *earlier.get(name, [])} for name in MODELING_FILES}
+
+
+def check_code_is_shipped(folder: Path) -> None:
+    """Everything in FOLDER that transformers would run with trust_remote_code is moh_convert's own code: config.json's
+    auto_map is exactly the one moh_convert writes, the files it names are byte for byte a shipped version, there is
+    no other .py file and tokenizer_config.json has no auto_map (a custom tokenizer class). Reads files, runs none."""
+    auto_map = read_json_object(folder / CONFIG_NAME, CUSTOM_CODE_FIX).get("auto_map")
+    if auto_map != AUTO_MAP:
+        auto_map = auto_map if isinstance(auto_map, dict) else {}
+        differences = [
+            f"{key}: {auto_map.get(key)!r} instead of {AUTO_MAP.get(key)!r}"
+            for key in sorted(set(auto_map) | set(AUTO_MAP), key=str) if auto_map.get(key) != AUTO_MAP.get(key)
+        ]
+        raise MoHError(
+            f"config.json's auto_map differs from the one moh_convert writes ({'; '.join(differences)}), so loading "
+            f"the folder would run code moh_convert does not ship; {CUSTOM_CODE_FIX}"
+        )
+    known = known_modeling_hashes()
+    for name in MODELING_FILES:
+        if not (folder / name).is_file():
+            raise MoHError(f"modeling file {name} is missing from {folder}; {CUSTOM_CODE_FIX}")
+        digest = file_sha256(folder / name)
+        if digest not in known[name]:
+            raise MoHError(f"{name} differs from the modeling code moh_convert ships (sha256 {digest}); {CUSTOM_CODE_FIX}")
+    others = sorted(
+        relative.as_posix() for relative in (path.relative_to(folder) for path in folder.rglob("*.py"))
+        if is_uploaded(relative) and relative.as_posix() not in MODELING_FILES
+    )
+    if others:
+        raise MoHError(
+            f"{others[0]} is Python code moh_convert does not ship (a MoH folder holds only {' and '.join(MODELING_FILES)});"
+            f" remove it, or pass --allow-custom-code if you wrote it yourself"
+        )
+    tokenizer_auto_map = read_json_object(folder / TOKENIZER_CONFIG_NAME, "copy the source's tokenizer files").get("auto_map")
+    if tokenizer_auto_map is not None:
+        raise MoHError(
+            f"{TOKENIZER_CONFIG_NAME} has an auto_map ({json.dumps(tokenizer_auto_map)}): a custom tokenizer class would "
+            "run code from the folder; remove it, or pass --allow-custom-code if you wrote it yourself"
+        )
+
+
+# ---------------------------------------------------------------- the folder loads without moh_convert
+
 # Run in a fresh interpreter where `import moh_convert` fails, like the machine of someone who downloads the model.
 LOAD_CHECK_SCRIPT = r"""
 import json, sys
@@ -170,12 +244,35 @@ report({
 LOAD_STAGES = {"model": "the model", "tokenizer": "the tokenizer", "forward": "a forward pass of the model"}
 
 
+# Passed on when set: what Python needs to start and find its packages. Nothing else (no HF_TOKEN, no other secret).
+STARTUP_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH") + (
+    ("SYSTEMROOT",) if os.name == "nt" else ()
+)
+
+
+def load_check_environment(work_dir: Path) -> dict[str, str]:
+    """The whole environment of the load check: the STARTUP_ENV variables that are set, and HOME, TMPDIR and every
+    Hugging Face cache inside WORK_DIR, offline, so nothing from the user's home or HF cache is read or written."""
+    env = {name: os.environ[name] for name in STARTUP_ENV if name in os.environ}
+    env.setdefault("PATH", os.defpath)
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        env["PYTHONUSERBASE"] = site.getuserbase()  # packages installed with `pip install --user` (HOME moves)
+    env.update(
+        HOME=str(work_dir), TMPDIR=str(work_dir), HF_HOME=str(work_dir / "hf-home"),
+        HF_MODULES_CACHE=str(work_dir / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    )
+    if os.name == "nt":
+        env.update(USERPROFILE=str(work_dir), TEMP=str(work_dir), TMP=str(work_dir))
+    return env
+
+
 def check_loads_in_fresh_process(folder: Path) -> None:
-    """Load the model with trust_remote_code and the tokenizer in a subprocess without moh_convert (offline, with
-    an empty module cache so no earlier copy of the code stands in), run one forward pass, and check that every
-    weight was used and every parameter was loaded."""
+    """Load the model with trust_remote_code and the tokenizer in a subprocess without moh_convert (offline, in the
+    minimal environment of `load_check_environment`, with an empty module cache so no earlier copy of the code stands
+    in), run one forward pass, and check that every weight was used and every parameter was loaded. Run it only on a
+    folder that passed `check_code_is_shipped`: it executes the folder's code."""
     with tempfile.TemporaryDirectory(prefix="moh-load-check-") as work_dir:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(work_dir) / "modules")}
+        env = load_check_environment(Path(work_dir))
         report_path = Path(work_dir) / "report.json"
         completed = subprocess.run(
             [sys.executable, "-c", LOAD_CHECK_SCRIPT, str(folder), str(report_path)],

@@ -1,7 +1,9 @@
 """`moh push`: verify a MoH model folder, refresh its model card and upload it to the Hugging Face Hub in one commit.
 
-Nothing is uploaded unless the folder is complete and loads, through the modeling code it ships, in a fresh Python
-where moh_convert cannot be imported, which is how the people who download it will load it.
+Nothing is uploaded unless the folder is complete, its Python code is the code moh_convert ships (checked before
+anything from the folder runs), and it loads, through that code, in a fresh Python with a minimal environment where
+moh_convert cannot be imported, which is how the people who download it will load it. With --allow-custom-code the
+code is not compared, and then not run here either.
 """
 import importlib
 import os
@@ -12,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import MoHError
-from .folder_checks import check_folder_files, check_loads_in_fresh_process
+from .folder_checks import check_code_is_shipped, check_folder_files, check_loads_in_fresh_process, is_uploaded
 from .card_evaluation import load_evaluation
 from .model_card import CARD_NAME, read_model_card, read_moh_config, render_updated_card
 from .options import validate_options
@@ -21,6 +23,10 @@ DEFAULT_COMMIT_MESSAGE = "Upload MoH model with moh_convert"
 OFFLINE_MESSAGE = (
     "offline mode is on (HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1), so nothing can be pushed to the Hub: "
     "unset it, or add --dry-run to check the folder without uploading"
+)
+LOAD_CHECK_SKIPPED_MESSAGE = (
+    "Load check skipped: with --allow-custom-code the folder's Python code is not moh_convert's, so it was not run "
+    "here (it would run with your environment and token); load the model yourself before sharing it."
 )
 NOT_LOGGED_IN_MESSAGE = (
     "not logged in to the Hugging Face Hub: set HF_TOKEN to a write token or run `hf auth login` "
@@ -45,6 +51,12 @@ class PushOptions(BaseModel):
         None, description="Output folder of `moh eval` (results_table.md, comparison.json): adds the results "
         "to the model card and its model-index metadata.",
     )
+    allow_custom_code: bool = Field(
+        False, description="Upload Python code that is not moh_convert's own: skip the check that config.json's "
+        "auto_map, configuration_moh.py and modeling_moh.py are what moh_convert writes, with no other .py file and "
+        "no tokenizer auto_map. That code is then never run by moh push (the fresh-Python load check is skipped), but "
+        "everyone who loads the model with trust_remote_code runs it: only for code you wrote and reviewed.",
+    )
 
 
 @dataclass
@@ -66,6 +78,7 @@ class PushResult:
     create_pr: bool
     files: list[UploadFile]
     dry_run: bool
+    load_check_skipped: bool = False  # --allow-custom-code: the folder's own code was not run
     commit_url: str | None = None
     pr_url: str | None = None
 
@@ -86,13 +99,19 @@ def push(folder: str | os.PathLike, repo_id: str, **options) -> PushResult:
     # Offline mode or a missing token fails at once, before the slow load check; a dry run needs neither.
     api = None if opts.dry_run else hub_api(hub_token())
     check_folder_files(folder)
+    # Nothing from the folder runs unless its code is ours; custom code is never run here at all.
+    if not opts.allow_custom_code:
+        check_code_is_shipped(folder)
     evaluation = load_evaluation(opts.eval_dir) if opts.eval_dir else None
-    check_loads_in_fresh_process(folder)
+    if not opts.allow_custom_code:
+        check_loads_in_fresh_process(folder)
     # Only a real push asks the Hub for the base model's license: a dry run stays offline.
     license = None if api is None else base_model_license(api, read_model_card(folder).data)
     card_text = render_updated_card(folder, read_moh_config(folder), repo_id, evaluation, license)
     files = files_to_upload(folder, card_text.encode("utf-8"))
-    result = PushResult(repo_id, opts.revision, opts.create_pr, files, dry_run=opts.dry_run)
+    result = PushResult(
+        repo_id, opts.revision, opts.create_pr, files, dry_run=opts.dry_run, load_check_skipped=opts.allow_custom_code
+    )
     if api is None:
         return result
     commit = upload(api, repo_id, files, opts)
@@ -226,12 +245,6 @@ def upload(api, repo_id: str, files: list[UploadFile], opts: PushOptions):
 # ---------------------------------------------------------------- what gets uploaded
 
 
-def is_uploaded(relative_path: Path) -> bool:
-    """Hidden files and folders (.cache, .git) and Python bytecode are local leftovers, not part of the model."""
-    parts = relative_path.parts
-    return not any(part.startswith(".") or part == "__pycache__" for part in parts) and relative_path.suffix != ".pyc"
-
-
 def files_to_upload(folder: Path, card_bytes: bytes) -> list[UploadFile]:
     files = []
     for path in sorted(folder.rglob("*")):
@@ -265,7 +278,12 @@ def describe_push(result: PushResult) -> str:
         note = "  (model card, as rendered for the Hub)" if upload_file.content is not None else ""
         lines.append(f"  {upload_file.size:>{width},} bytes  {upload_file.path_in_repo}{note}")
     lines.append(f"Total: {result.total_size:,} bytes ({human_size(result.total_size)})")
-    if result.dry_run:
+    if result.load_check_skipped:
+        lines.append(LOAD_CHECK_SKIPPED_MESSAGE)
+    if result.dry_run and result.load_check_skipped:
+        lines.append("Dry run: the folder's files passed the checks (its code was neither compared nor run); "
+                     "nothing was uploaded.")
+    elif result.dry_run:
         lines.append("Dry run: the folder passed every check and loads without moh_convert; nothing was uploaded.")
     else:
         lines.append(f"Commit: {result.commit_url}")

@@ -14,7 +14,7 @@ from huggingface_hub import CommitInfo, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
 from moh_convert import MoHError, convert
-from moh_convert import hub
+from moh_convert import folder_checks, hub
 from moh_convert.cli import main
 
 INDEX = "model.safetensors.index.json"
@@ -178,10 +178,14 @@ def test_modeling_file_imports_are_followed(moh_folder):
         hub.push(moh_folder, "me/tiny-moh", dry_run=True)
 
 
-def test_folder_that_does_not_load_without_the_toolkit_is_refused(moh_folder):
-    # Files complete, but the shipped code imports moh_convert, which users will not have installed.
+def test_folder_that_does_not_load_without_the_toolkit_is_refused(moh_folder, monkeypatch):
+    # Files complete, but the shipped code imports moh_convert, which users will not have installed. (A modified
+    # file is refused before it runs, so this one is made a "known release" for the test.)
     modeling = moh_folder / "modeling_moh.py"
     modeling.write_text("import moh_convert\n" + modeling.read_text())
+    known = folder_checks.known_modeling_hashes()
+    known["modeling_moh.py"].add(folder_checks.file_sha256(modeling))
+    monkeypatch.setattr(folder_checks, "known_modeling_hashes", lambda: known)
     with pytest.raises(MoHError) as raised:
         hub.push(moh_folder, "me/tiny-moh", dry_run=True)
     assert "does not load in a fresh Python without moh_convert" in str(raised.value)
