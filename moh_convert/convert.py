@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .architectures import attention_tensor_names, check_supported
 from .calibrate import CalibrationSettings, calibrate_folder, print_report
+from .calibrate.data import check_calibration_source
 from .errors import MoHError
 from .heads import first_heads_shared, resolve_head_counts
 from .model_card import write_model_card
@@ -58,14 +59,15 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
     hidden temporary folder next to OUTPUT and renamed into place only when complete. Returns OUTPUT.
     """
     opts = validate_options(ConvertOptions, options)
+    if opts.calibration_data is not None:
+        check_calibration_source(opts.calibration_data, opts.calibration_column)  # before GBs of weights are copied
     output = Path(output).expanduser().resolve()
-    if output.exists() and not opts.overwrite:
-        raise MoHError(f"output {output} already exists; pass --overwrite to replace it or choose another folder")
     if opts.push_to_hub:
         from .hub import check_push_ready
 
         check_push_ready(opts.push_to_hub)  # a bad id, offline mode or no token fails now, not after the work
-    with StagedFolder(output) as staged:
+    local_source = Path(source).expanduser()
+    with StagedFolder(output, sources=[local_source] if local_source.exists() else [], overwrite=opts.overwrite) as staged:
         source_checkpoint = resolve_source(source, staged.work_dir)
         moh_config = build_moh_config(source_checkpoint, opts)
         staging = staged.path

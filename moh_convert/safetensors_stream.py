@@ -16,27 +16,28 @@ SAFETENSORS_DTYPES = {
 TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
-def read_safetensors_header(path: Path) -> tuple[int, dict]:
+def read_safetensors_header(path: Path, fix: str = "re-run `moh convert`") -> tuple[int, dict]:
     """(offset of the tensor data, tensors: name -> {dtype, shape, data_offsets}) of a safetensors file, read without
-    loading tensors ("__metadata__" left out). An empty, truncated or damaged file is a MoHError naming it."""
+    loading tensors ("__metadata__" left out). An empty, truncated or damaged file is a MoHError naming it and
+    ending in `fix` (a MoH folder is converted again, a source checkpoint re-downloaded)."""
     file_size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise MoHError(f"weights file {path.name} is empty or truncated; re-run `moh convert`")
+            raise MoHError(f"weights file {path.name} is empty or truncated; {fix}")
         (header_size,) = struct.unpack("<Q", prefix)
         if header_size > file_size - 8:
-            raise MoHError(f"weights file {path.name} is truncated or not a safetensors file; re-run `moh convert`")
+            raise MoHError(f"weights file {path.name} is truncated or not a safetensors file; {fix}")
         try:
             header = json.loads(handle.read(header_size))
         except ValueError:
-            raise MoHError(f"weights file {path.name} has a damaged header; re-run `moh convert`") from None
+            raise MoHError(f"weights file {path.name} has a damaged header; {fix}") from None
     tensors = {name: info for name, info in header.items() if name != "__metadata__"}
     data_size = max((info["data_offsets"][1] for info in tensors.values()), default=0)
     if 8 + header_size + data_size > file_size:
         raise MoHError(
             f"weights file {path.name} is truncated: its header needs {8 + header_size + data_size:,} bytes, "
-            f"the file has {file_size:,}; re-run `moh convert`"
+            f"the file has {file_size:,}; {fix}"
         )
     return 8 + header_size, tensors
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MoHError
-from .model_folder import INDEX_NAME, read_weight_index
+from .model_folder import INDEX_NAME, read_json_object, read_weight_index
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 INDEX_NAMES = (INDEX_NAME, "pytorch_model.bin.index.json")
@@ -40,6 +40,33 @@ def resolve_source(source: str | os.PathLike, work_dir: Path) -> SourceCheckpoin
     if _looks_like_hub_id(str(source)):
         return inspect_folder(download_from_hub(str(source)), name=str(source))
     raise MoHError(f"source {source!r} not found: pass an existing checkpoint folder, a .gguf file or a Hub id (org/name)")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
+
+
+def check_source(source: str | os.PathLike, role: str) -> None:
+    """What `resolve_source` would refuse, found without loading or converting anything, so a command can check
+    every model it needs before its long work starts: a missing file, a folder without a readable config.json or
+    without tokenizer files. Hub ids are only checked when they are resolved."""
+    path = Path(source).expanduser()
+    if str(source).endswith(".gguf"):
+        if not path.is_file():
+            raise MoHError(f"{role}: GGUF file {path} not found")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MoHError(f"{role}: {path} has no config.json; it is not a Hugging Face checkpoint folder")
+        read_json_object(path / "config.json", "re-download or re-convert the model")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise MoHError(f"{role}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy "
+                           "the tokenizer of the model it came from into it")
+        return
+    if path.exists():
+        raise MoHError(f"{role}: {path} is a file but not a .gguf; pass a checkpoint folder, a Hub id or a .gguf file")
+    if not _looks_like_hub_id(str(source)):
+        raise MoHError(f"{role}: {source!r} not found: pass an existing checkpoint folder, a .gguf file or a Hub id "
+                       "(org/name)")
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -101,6 +128,9 @@ def inspect_folder(folder: Path, name: str) -> SourceCheckpoint:
             missing = sorted({shard for shard in weight_map.values() if not (folder / shard).is_file()})
             if missing:
                 raise MoHError(f"{index_path.name} names missing shard(s) {', '.join(missing)}; re-download the checkpoint")
+            if weight_format == "safetensors":
+                for shard in sorted(set(weight_map.values())):  # all of them before any output is written
+                    check_safetensors_shard(folder / shard)
             return SourceCheckpoint(folder, name, weight_format, weight_map)
     for file_name, weight_format in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
         if (folder / file_name).is_file():
@@ -110,7 +140,7 @@ def inspect_folder(folder: Path, name: str) -> SourceCheckpoint:
 
 def _single_file_map(path: Path, weight_format: str) -> dict[str, str]:
     if weight_format == "safetensors":
-        return {tensor_name: path.name for tensor_name in read_safetensors_names(path)}
+        return {tensor_name: path.name for tensor_name in check_safetensors_shard(path)}
     import torch
 
     try:
@@ -118,6 +148,20 @@ def _single_file_map(path: Path, weight_format: str) -> dict[str, str]:
     except Exception as error:
         raise MoHError(f"could not read {path}: {error}; re-download the checkpoint") from None
     return {tensor_name: path.name for tensor_name in state_dict}
+
+
+def check_safetensors_shard(path: Path) -> list[str]:
+    """A source shard whose header is damaged, or that is empty or shorter than its header says, is a MoHError now,
+    before it is copied or rewritten (only the header is read). Returns its tensor names."""
+    from .safetensors_stream import read_safetensors_header
+
+    try:
+        read_safetensors_header(path, fix="re-download the checkpoint")
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):  # JSON, but not a safetensors header
+        raise MoHError(f"weights file {path.name} has a damaged header; re-download the checkpoint") from None
+    except OSError as error:
+        raise MoHError(f"cannot read {path}: {error.strerror or error}") from None
+    return read_safetensors_names(path)  # safetensors' own checks (dtypes, offsets), still from the header only
 
 
 def read_safetensors_names(path: Path) -> list[str]:

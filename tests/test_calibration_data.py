@@ -48,5 +48,6 @@ def test_dataset_errors_become_moh_errors(monkeypatch):
         raise FileNotFoundError("no such dataset")
 
     monkeypatch.setattr(calibration_data, "open_dataset", fail)
-    with pytest.raises(MoHError, match=r"could not read calibration dataset 'missing-corpus' \(FileNotFoundError"):
+    with pytest.raises(MoHError, match=r"no file missing-corpus, and the Hub dataset could not be read: "
+                                       r"FileNotFoundError: no such dataset; pass a local"):
         read_calibration_text(settings("missing-corpus"), needed_chars=15)

@@ -1,13 +1,14 @@
 """`moh calibrate` / `moh_convert.calibrate()`: calibrate an already converted model folder, in a staging copy that
 replaces MODEL (or becomes --output) only once it is complete."""
-import json
 import os
 import shutil
 from pathlib import Path
 
 from ..errors import MoHError
-from ..model_folder import StagedFolder, link_or_copy
+from ..model_folder import StagedFolder, link_or_copy, read_json_object
 from ..options import validate_options
+from ..sources import check_source
+from .data import check_calibration_source
 from .report import print_report
 from .run import calibrate_folder
 from .settings import REPORT_NAME, CalibrateOptions, CalibrationSettings
@@ -20,10 +21,12 @@ def calibrate(model: str | os.PathLike, **options) -> Path:
         raise MoHError("calibrate needs --calibration-data (a .txt/.jsonl file, a Hub dataset name, or 'self')")
     model = Path(model).expanduser().resolve()
     check_calibratable(model)
+    check_calibration_source(opts.calibration_data, opts.calibration_column)  # before the model is copied
     output = Path(opts.output).expanduser().resolve() if opts.output else model
-    if opts.output and output.exists() and not opts.overwrite:
-        raise MoHError(f"output {output} already exists; pass --overwrite to replace it")
-    with StagedFolder(output) as staged:
+    # In place (no --output) the staged copy replaces MODEL itself; --output must stay clear of MODEL.
+    staging = StagedFolder(output, sources=[model], overwrite=opts.overwrite) if opts.output else \
+        StagedFolder(model, overwrite=True)
+    with staging as staged:
         # Hard links: the source weights are never rewritten, so the copy costs no disk space or time.
         shutil.copytree(model, staged.path, copy_function=link_or_copy)
         settings = CalibrationSettings(**opts.model_dump(include=set(CalibrationSettings.model_fields)))
@@ -34,13 +37,18 @@ def calibrate(model: str | os.PathLike, **options) -> Path:
 
 
 def check_calibratable(model: Path) -> None:
-    """A MoH model folder whose attention is still the source model's (else a MoHError saying what to do)."""
+    """A MoH model folder whose attention is still the source model's, with a readable config.json and tokenizer
+    files (else a MoHError saying what to do)."""
     if not (model / "config.json").is_file():
         raise MoHError(f"{model} is not a model folder (no config.json); convert a model first with `moh convert`")
-    if json.loads((model / "config.json").read_text()).get("model_type") != "moh":
+    config = read_json_object(model / "config.json", "re-convert the model with `moh convert`")
+    if config.get("model_type") != "moh":
         raise MoHError(f"{model} is not a MoH model; convert it first with `moh convert`")
+    check_source(model, "model")  # tokenizer files
     earlier_report = model / REPORT_NAME
-    if earlier_report.is_file() and json.loads(earlier_report.read_text()).get("output_projection_refit"):
+    if earlier_report.is_file() and read_json_object(
+        earlier_report, "calibrate again from the source: `moh convert SOURCE OUTPUT --calibration-data ...`"
+    ).get("output_projection_refit"):
         raise MoHError(
             f"{model} was calibrated with refitted output projections, so its attention is no longer the source "
             "model's; calibrate again from the source: `moh convert SOURCE OUTPUT --calibration-data ...`"

@@ -1,7 +1,6 @@
 """Calibration text as token windows: from a local .txt / .jsonl file or a Hub dataset (read through
 `moh_convert.text_sources`, as `moh train` reads them), or sampled from the model itself ('self')."""
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -9,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MoHError
 from ..modeling.configuration_moh import MoHConfig
-from ..text_sources import dataset_pieces, file_pieces, join_documents, open_dataset
+from ..text_sources import check_text_file, dataset_pieces, file_pieces, join_documents, open_dataset
 from .settings import COLUMN_OPTION, SELF_SAMPLING_TEMPERATURE, SELF_SAMPLING_TOP_P, CalibrationSettings
 
 CHARS_PER_TOKEN = 8  # generous: text read per token needed, before tokenizing shows whether it was enough
@@ -50,6 +49,36 @@ def tokenize_enough(text: str, tokenizer, needed_tokens: int, prefix_chars: int)
         prefix_chars *= 2
 
 
+def check_calibration_source(source: str, column: str) -> None:
+    """The cheap checks of a calibration source, run before any long work (converting, copying a model): a local
+    file must exist, be UTF-8 text, hold some text and, for JSONL, have `column` on every line (the whole file is
+    read: it is small next to a model). 'self' and Hub dataset ids pass (a dataset is only read when needed)."""
+    if source == "self":
+        return
+    path = Path(source).expanduser()
+    if path.is_file():
+        if not check_text_file(path, column, COLUMN_OPTION):
+            raise MoHError(f"calibration file {source} holds no text; give a .txt/.jsonl file with text")
+        return
+    check_not_a_file(source, path)
+
+
+def check_not_a_file(source: str, path: Path) -> None:
+    """When `source` is no file: a MoHError unless it can be a Hub dataset id (`org/name` or `name`)."""
+    if path.is_dir():
+        raise MoHError(f"calibration data {source} is a folder; pass a .txt/.jsonl file, a Hub dataset id or 'self'")
+    if not looks_like_dataset_id(source):
+        raise MoHError(f"calibration file {source} not found; pass an existing .txt/.jsonl file, a Hub dataset id "
+                       "(org/name) or 'self'")
+
+
+def looks_like_dataset_id(source: str) -> bool:
+    """`org/name` or `name`: no absolute or relative path, no .txt/.jsonl/.json file name."""
+    parts = source.split("/")
+    return (1 <= len(parts) <= 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+            and Path(source).suffix not in (".txt", ".jsonl", ".json"))
+
+
 def read_calibration_text(settings: CalibrationSettings, needed_chars: int) -> str:
     """A local file's whole text (JSONL records joined as documents), or a Hub dataset's first rows, enough for
     `needed_chars`."""
@@ -57,8 +86,7 @@ def read_calibration_text(settings: CalibrationSettings, needed_chars: int) -> s
     path = Path(source).expanduser()
     if path.is_file():
         return join_documents(file_pieces(path, settings.calibration_column, COLUMN_OPTION))
-    if path.suffix in (".txt", ".jsonl", ".json") or os.sep in source or source.startswith("."):
-        raise MoHError(f"calibration file {source} not found")
+    check_not_a_file(source, path)
     return read_hub_dataset_text(settings, needed_chars)
 
 
@@ -71,9 +99,10 @@ def read_hub_dataset_text(settings: CalibrationSettings, needed_chars: int) -> s
     except MoHError:
         raise
     except Exception as error:  # datasets raises many types for missing / offline datasets
+        reason = " ".join(str(error).split())  # one line: datasets' messages can span several
         raise MoHError(
-            f"could not read calibration dataset {name!r} ({type(error).__name__}: {error}); "
-            "pass a local .txt/.jsonl file or 'self'"
+            f"no file {name}, and the Hub dataset could not be read: {type(error).__name__}: {reason}; pass a local "
+            ".txt/.jsonl file, a Hub dataset id (org/name) or 'self'"
         ) from None
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MoHError
-from ..text_sources import TEXT_SUFFIXES
+from ..sources import check_source
+from ..text_sources import TEXT_SUFFIXES, check_text_file
 from .checkpoints import CHECKPOINTS_DIR, latest_checkpoint
 from .recipe import DataSource, TrainRecipe
 
@@ -58,11 +59,27 @@ def text_config_of(config: dict) -> dict:
 
 
 def check_data_source(source: DataSource, key: str) -> None:
+    """Every local data file exists, is UTF-8 text and (JSONL) has the column on every line: training reads its
+    files lazily, so without this a bad byte or line would stop a run only after the model is loaded."""
+    has_text = False
     for path in source.paths():
         if not path.is_file():
             raise MoHError(f"recipe key '{key}.path': file {path} not found")
         if path.suffix not in TEXT_SUFFIXES:
             raise MoHError(f"recipe key '{key}.path': {path} must be a .txt or .jsonl file")
+        try:
+            has_text = check_text_file(path, source.column, f"recipe key '{key}.column'") or has_text
+        except MoHError as error:
+            raise MoHError(f"recipe key '{key}.path': {error}") from None
+    if source.paths() and not has_text:
+        raise MoHError(f"recipe key '{key}.path': {', '.join(map(str, source.paths()))} hold(s) no text")
+
+
+def check_tokenizer(model: str, model_folder: str) -> None:
+    """A local model folder must hold tokenizer files: without them AutoTokenizer would quietly make a tiny
+    vocabulary of special tokens and training would run on nonsense. (Hub models come with theirs.)"""
+    if Path(model).expanduser().is_dir():
+        check_source(model_folder, "recipe key 'model'")
 
 
 def default_lora_targets(text_config: dict, save: str, router: str | None) -> list[str]:
@@ -81,6 +98,7 @@ def plan_training(recipe: TrainRecipe, num_processes: int, distributed_type: str
                   resume: bool = False) -> TrainingPlan:
     """Every check that can fail without loading the model, each naming the recipe key to fix."""
     model_folder, config = read_model_config(recipe.model)
+    check_tokenizer(recipe.model, model_folder)
     text_config = text_config_of(config)
     is_moh = config.get("model_type") == "moh"
 
