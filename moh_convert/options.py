@@ -1,4 +1,9 @@
-"""Pydantic option models are the single source of truth for both the Python API and the `moh` CLI flags."""
+"""Pydantic option models are the single source of truth for both the Python API and the `moh` CLI flags.
+
+A field that takes several values after one flag (`--calibration-data a.txt:0.5 self:0.5`) opts in with
+`Field(..., json_schema_extra={"nargs": "+"})` on a `list[str] | str`-style annotation: argparse then collects the
+values into a list (a single value arrives as a one-item list; the field's own validator decides what that means).
+Without the marker a list field takes one value (e.g. `--tasks a,b`, split by its validator)."""
 import argparse
 import types
 import typing
@@ -42,6 +47,12 @@ def _scalar_type(annotation):
     return annotation if annotation in (int, float, str) else str
 
 
+def _nargs(field) -> dict:
+    """The field's opt-in argparse `nargs` (and optional `metavar`) from json_schema_extra, else {}."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return {key: extra[key] for key in ("nargs", "metavar") if key in extra} if "nargs" in extra else {}
+
+
 def add_options_to_parser(parser: argparse.ArgumentParser, model_cls: type[pydantic.BaseModel]) -> None:
     """One `--kebab-case` flag per field, with the field's description and default as help."""
     for name, field in model_cls.model_fields.items():
@@ -57,7 +68,7 @@ def add_options_to_parser(parser: argparse.ArgumentParser, model_cls: type[pydan
             help_text += f" (default: {field.default})"
         parser.add_argument(
             flag, dest=name, default=None, choices=choices,
-            type=None if choices else _scalar_type(field.annotation), help=help_text,
+            type=None if choices else _scalar_type(field.annotation), help=help_text, **_nargs(field),
         )
 
 

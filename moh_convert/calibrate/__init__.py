@@ -23,7 +23,9 @@ the final norm and the LM head, plus activations.
 
 Modules, in the order a run uses them:
 - settings: the options (CLI flags are generated from them) and shared constants;
-- data: calibration text as token windows (files and Hub datasets through `moh_convert.text_sources`, or 'self');
+- data: calibration text as token windows, from one or several weighted sources (files and Hub datasets through
+  `moh_convert.text_sources`, 'self', 'chat', 'default');
+- chat_text: 'chat' text, replies the model writes in its own chat template to the shipped prompts.jsonl;
 - layers: running the model one decoder layer at a time (recorded layer inputs, head outputs, held-out loss);
 - fits: the per-layer fits as tensor functions (importance, shared heads, ridge router, fallbacks, o_proj refit);
 - memory: glibc malloc tuning between layers;

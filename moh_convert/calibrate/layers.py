@@ -75,8 +75,12 @@ def run_layer(layer, hidden_batches, kwargs_batches) -> list[torch.Tensor]:
     return [layer(hidden_states, **kwargs) for hidden_states, kwargs in zip(hidden_batches, kwargs_batches)]
 
 
-def stream_loss(final_norm, head_weight, head_bias, hidden_batches, token_batches, text_config) -> float:
-    """Mean next-token loss of final hidden states (final norm + LM head, with the family's logit scaling).
+def stream_loss(
+    final_norm, head_weight, head_bias, hidden_batches, token_batches, text_config, per_window: bool = False,
+) -> float | tuple[float, torch.Tensor]:
+    """Mean next-token loss of final hidden states (final norm + LM head, with the family's logit scaling); with
+    `per_window`, also each window's own mean loss (float64 [windows], in the order of the batches' rows), so that
+    the loss of a subset of windows (one calibration source's) can be taken.
 
     Memory: the LM head (vocabulary x hidden, the largest matrix of a small model) stays in its stored dtype and is
     cast to float32 one slice of the vocabulary at a time; the loss is accumulated with a running log-sum-exp, so
@@ -100,6 +104,10 @@ def stream_loss(final_norm, head_weight, head_bias, hidden_batches, token_batche
             torch.logaddexp(log_normaliser, logits.logsumexp(-1), out=log_normaliser)
             in_slice = (target >= start) & (target < start + weight_slice.shape[0])
             target_logit[in_slice] = logits[in_slice].gather(-1, (target[in_slice] - start).unsqueeze(-1)).squeeze(-1)
-    total = sum((log_normaliser - target_logit).sum().item() for log_normaliser, target_logit in zip(log_normalisers, target_logits))
+    losses = [log_normaliser - target_logit for log_normaliser, target_logit in zip(log_normalisers, target_logits)]
+    total = sum(loss.sum().item() for loss in losses)
     count = sum(target.numel() for target in targets)
-    return total / max(count, 1)
+    if not per_window:
+        return total / max(count, 1)
+    window_losses = torch.cat([loss.double().mean(-1) for loss in losses]) if losses else torch.zeros(0, dtype=torch.float64)
+    return total / max(count, 1), window_losses

@@ -41,19 +41,31 @@ def method_description(settings: CalibrationSettings) -> str:
     )
 
 
+def sampling_record(sources: list[dict], chat_sampling: dict | None) -> dict | None:
+    """How generated text was written: 'self' settings (as they have always been reported) and, with 'chat', its
+    settings under "chat"; None when no source is generated."""
+    record = {}
+    if any(source["source"] == "self" for source in sources):
+        record.update(temperature=SELF_SAMPLING_TEMPERATURE, top_p=SELF_SAMPLING_TOP_P, start="BOS token")
+    if chat_sampling is not None:
+        record["chat"] = chat_sampling
+    return record or None
+
+
 def build_report(
     settings: CalibrationSettings, config: MoHConfig, calibration_tokens: int, heldout_tokens: int,
     perplexity: dict[str, float], layers: list[LayerSummary], output_projection_refit: bool, started: float,
+    sources: list[dict] | None = None, chat_sampling: dict | None = None,
 ) -> dict:
-    """The calibration report; wall time counts from `started` (time.perf_counter()), peak RSS is the process's."""
+    """The calibration report; wall time counts from `started` (time.perf_counter()), peak RSS is the process's.
+    `sources`: per source {source, weight, calibration_tokens, heldout_tokens, heldout_perplexity}; `chat_sampling`:
+    how 'chat' text was written (ChatText.record)."""
+    sources = sources or []
     return {
         "method": method_description(settings),
         "output_projection_refit": output_projection_refit,
-        "calibration_data": settings.calibration_data,
-        "self_sampling": (
-            {"temperature": SELF_SAMPLING_TEMPERATURE, "top_p": SELF_SAMPLING_TOP_P, "start": "BOS token"}
-            if settings.calibration_data == "self" else None
-        ),
+        "calibration_data": settings.calibration_data,  # as given: a string, or the list of SOURCE[:WEIGHT] entries
+        "self_sampling": sampling_record(sources, chat_sampling),
         "calibration_tokens": calibration_tokens,
         "heldout_tokens": heldout_tokens,
         "seq_len": settings.calibration_seq_len,
@@ -64,8 +76,30 @@ def build_report(
         "mean_router_agreement": round(sum(layer.router_agreement for layer in layers) / len(layers), 4),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "sources": sources,
         "layers": [layer.as_dict() for layer in layers],
     }
+
+
+def data_description(calibration_data: str | list[str]) -> str:
+    return f"`{calibration_data}`" if isinstance(calibration_data, str) else ", ".join(f"`{entry}`" for entry in calibration_data)
+
+
+def ratio(perplexity: dict, key: str = "after") -> str:
+    return f"{perplexity[key] / perplexity['dense']:.3f}x" if perplexity.get(key) and perplexity.get("dense") else "-"
+
+
+def source_table(sources: list[dict]) -> list[str]:
+    """The card's per-source table (several sources only): shares and held-out perplexity of each."""
+    lines = ["Per source (held-out perplexity on that source's own held-out text):\n",
+             "| source | weight | calibration tokens | held-out tokens | dense | before | calibrated | calibrated / dense |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for source in sources:
+        ppl = source["heldout_perplexity"]
+        cells = [f"{ppl[key]:.2f}" if key in ppl else "-" for key in ("dense", "before", "after")]
+        lines.append(f"| `{source['source']}` | {source['weight']:.2f} | {source['calibration_tokens']:,} | "
+                     f"{source['heldout_tokens']:,} | {' | '.join(cells)} | {ratio(ppl)} |")
+    return lines + [""]
 
 
 def calibration_card_section(report: dict) -> str:
@@ -74,18 +108,22 @@ def calibration_card_section(report: dict) -> str:
     lines = [
         "## Calibration\n",
         f"Routers and shared heads were fitted on {report['calibration_tokens']:,} tokens of "
-        f"`{report['calibration_data']}` ({report['seq_len']}-token windows), one layer at a time, with no training "
+        f"{data_description(report['calibration_data'])} ({report['seq_len']}-token windows), one layer at a time, with no training "
         f"(method: {report['method']}). Mean agreement of the router with the per-token oracle: "
         f"{report['mean_router_agreement']:.0%}. Full per-layer report: `{REPORT_NAME}`.\n",
     ]
+    sources = report.get("sources") or []
     if ppl:
         lines += [
-            f"Perplexity on {report['heldout_tokens']:,} held-out tokens of the same source:\n",
+            f"Perplexity on {report['heldout_tokens']:,} held-out tokens of the same "
+            f"{'sources' if len(sources) > 1 else 'source'}:\n",
             "| model | perplexity |", "| --- | --- |",
             f"| dense source | {ppl['dense']:.2f} |",
             f"| MoH before calibration | {ppl['before']:.2f} |",
             f"| MoH calibrated | {ppl['after']:.2f} |\n",
         ]
+    if len(sources) > 1:
+        lines += source_table(sources)
     shared = [layer["shared_heads"] for layer in report["layers"]]
     lines.append("Shared heads per layer: " + "; ".join(f"{i}: {heads}" for i, heads in enumerate(shared)) + "\n")
     return "\n".join(lines)
@@ -99,3 +137,7 @@ def print_report(report: dict) -> None:
             f"({ppl['after'] / ppl['dense']:.3f}x dense); router agreement {report['mean_router_agreement']:.0%}; "
             f"{report['wall_time_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
         )
+    sources = report.get("sources") or []
+    if len(sources) > 1:
+        print("calibrated / dense perplexity per source: " + ", ".join(
+            f"{source['source']} {ratio(source['heldout_perplexity'])}" for source in sources))

@@ -18,7 +18,7 @@ from ..model_folder import (
 )
 from ..modeling.configuration_moh import MoHConfig
 from ..modeling.modeling_moh import MoHHeadRouting
-from .data import load_calibration_windows
+from .data import CalibrationMix, load_calibration_mix
 from .fits import OUTPUT_RIDGE, fit_routing, refit_output_projection, routed_head_outputs
 from .layers import head_outputs_and_inputs, record_layer_inputs, run_layer, stream_loss
 from .memory import release_freed_memory, return_large_blocks_to_the_os
@@ -39,22 +39,25 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
     return_large_blocks_to_the_os()
     config = MoHConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    calibration_windows, heldout_windows = load_calibration_windows(settings, tokenizer, folder)
+    mix = load_calibration_mix(settings, tokenizer, folder)
+    calibration_windows, heldout_windows = mix.calibration, mix.heldout
     source = SourceModel(folder, config.text_config)
     streams = Streams.start(source.decoder, calibration_windows, heldout_windows, settings.calibration_batch_size)
     source.decoder.embed_tokens.to("meta")  # only needed to start the streams
     run = LayerwiseRun(
         settings=settings, config=config, calibrated=calibrated_config(config), source=source, streams=streams,
         fixed_shared=None if shared_heads == "auto" else shared_heads,
-        # Not for self-sampled text: fitted to the model's own samples, the refit measured worse on real text.
-        refit=settings.refit_output_projection and settings.calibration_data != "self",
+        refit=settings.refit_output_projection and refits_output_projection(mix),
         refit_dir=folder / REFIT_DIR, dtype=weights_dtype(config.text_config),
     )
     results = [calibrate_layer(run, layer_idx) for layer_idx in tqdm(range(config.num_layers), desc="Calibrating layers")]
-    perplexity = heldout_perplexity(source, streams, config.text_config) if streams.heldout_tokens else {}
+    perplexity, per_source = heldout_perplexity(source, streams, config.text_config, mix) if streams.heldout_tokens \
+        else ({}, [{} for _ in mix.sources])
     report = build_report(
         settings, config, int(calibration_windows.numel()), int(heldout_windows.numel()), perplexity,
         [result.summary for result in results], any(result.output_projection is not None for result in results), started,
+        sources=source_summaries(mix, per_source),
+        chat_sampling=next((item.sampling for item in mix.sources if item.sampling is not None), None),
     )
     write_calibrated_model(folder, run.calibrated, results, report)
     return report
@@ -220,13 +223,41 @@ def save_output_projection(refit_dir: Path, layer_idx: int, weight: torch.Tensor
     return path
 
 
-def heldout_perplexity(source: SourceModel, streams: Streams, text_config) -> dict[str, float]:
-    """Perplexity of the held-out text through the dense, converted and calibrated layers."""
+def refits_output_projection(mix: CalibrationMix) -> bool:
+    """Not for 'self' text alone: fitted to the model's own samples from BOS, the refit measured worse on real text."""
+    return any(item.entry.source != "self" for item in mix.sources)
+
+
+def heldout_perplexity(
+    source: SourceModel, streams: Streams, text_config, mix: CalibrationMix
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Perplexity of the held-out text through the dense, converted and calibrated layers: over all windows, and
+    per source (over its windows; a source without held-out windows gets {})."""
     head_weight, head_bias = source.lm_head(text_config)
-    return {
-        name: round(math.exp(stream_loss(source.decoder.norm, head_weight, head_bias, states, streams.heldout_tokens, text_config)), 3)
-        for name, states in streams.heldout.items()
-    }
+    overall, per_source = {}, [{} for _ in mix.sources]
+    for name, states in streams.heldout.items():
+        loss, window_losses = stream_loss(source.decoder.norm, head_weight, head_bias, states, streams.heldout_tokens,
+                                          text_config, per_window=True)
+        overall[name] = round(math.exp(loss), 3)
+        for index, perplexities in enumerate(per_source):
+            in_source = mix.heldout_source == index
+            if len(mix.sources) == 1:
+                perplexities[name] = overall[name]
+            elif in_source.any():
+                perplexities[name] = round(math.exp(window_losses[in_source].mean().item()), 3)
+    return overall, per_source
+
+
+def source_summaries(mix: CalibrationMix, per_source: list[dict[str, float]]) -> list[dict]:
+    """The report's `sources`: each source's weight, tokens and held-out perplexity."""
+    return [
+        {
+            "source": item.entry.source, "weight": round(item.entry.weight, 4),
+            "calibration_tokens": int(item.calibration.numel()), "heldout_tokens": int(item.heldout.numel()),
+            "heldout_perplexity": perplexities,
+        }
+        for item, perplexities in zip(mix.sources, per_source)
+    ]
 
 
 def weights_dtype(text_config) -> torch.dtype:

@@ -1,10 +1,14 @@
 """Options of calibration (`moh calibrate`, and `moh convert` with calibration data) and the constants shared by
 the calibration modules. The CLI flags are generated from the pydantic fields: their names, defaults and
 descriptions are the user-facing interface."""
+import math
+import re
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..errors import MoHError
 from ..model_card import CALIBRATION_REPORT
 
 REPORT_NAME = CALIBRATION_REPORT  # written next to the calibrated model; the model card reads it under this name
@@ -13,6 +17,13 @@ REPORT_NAME = CALIBRATION_REPORT  # written next to the calibrated model; the mo
 SELF_SAMPLING_TEMPERATURE = 1.1
 SELF_SAMPLING_TOP_P = 0.95
 COLUMN_OPTION = "--calibration-column"  # the option named in messages about a missing text column / JSONL key
+# 'chat': replies the model writes itself, in its own chat template, to the prompts shipped in prompts.jsonl.
+CHAT_SAMPLING_TEMPERATURE = 0.8
+CHAT_SAMPLING_TOP_P = 0.95
+CHAT_MAX_NEW_TOKENS = 400
+# What 'default' stands for: every other use of the default mix follows from this one constant.
+DEFAULT_CALIBRATION_DATA = ["chat:0.5", "self:0.5"]
+GENERATED_SOURCES = ("self", "chat")  # sources the model writes itself (no file or dataset behind them)
 
 
 class CalibrationSettings(BaseModel):
@@ -20,10 +31,14 @@ class CalibrationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    calibration_data: str | None = Field(
+    calibration_data: list[str] | str | None = Field(
         None,
-        description="Text to calibrate on: a .txt or .jsonl file, a Hugging Face dataset name, or 'self' "
-        "(sample text from the model itself: no data needed).",
+        description="Text to calibrate on: a .txt or .jsonl file, a Hugging Face dataset name, 'self' (text the "
+        "model samples itself), 'chat' (replies the model writes in its chat template to varied shipped prompts) "
+        f"or 'default' ({' '.join(DEFAULT_CALIBRATION_DATA)}); several sources mix with weights: "
+        "SOURCE[:WEIGHT] ... (e.g. wiki.txt:0.5 self:0.5; weights are normalised).",
+        # several values after one CLI flag (moh_convert.options)
+        json_schema_extra={"nargs": "+", "metavar": "SOURCE[:WEIGHT]"},
     )
     calibration_tokens: int = Field(16384, gt=0, description="Tokens to calibrate on.")
     calibration_seq_len: int = Field(512, gt=1, description="Tokens per calibration window.")
@@ -41,9 +56,20 @@ class CalibrationSettings(BaseModel):
     )
     refit_output_projection: bool = Field(
         True, description="Refit each layer's output projection (o_proj) by least squares so that the heads a token "
-        "keeps make up for the ones it skips (halved the perplexity gap at 6 of 9 heads on SmolLM2). Not done with "
-        "'self' data, where it measured worse on real text."
+        "keeps make up for the ones it skips (halved the perplexity gap at 6 of 9 heads on SmolLM2). Not done when "
+        "'self' is the only source, where it measured worse on real text."
     )
+
+    @field_validator("calibration_data")
+    @classmethod
+    def _one_entry_is_a_string(cls, value):
+        """A list of one entry is that entry (as a single string has always been); an empty list is no source."""
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one source")
+            if len(value) == 1:
+                return value[0]
+        return value
 
 
 class CalibrateOptions(CalibrationSettings):
@@ -56,3 +82,50 @@ class CalibrateOptions(CalibrationSettings):
     )
     output: str | None = Field(None, description="Write the calibrated model here instead of updating MODEL.")
     overwrite: bool = Field(False, description="Replace --output if it exists.")
+
+
+# ---------------------------------------------------------------- entries SOURCE[:WEIGHT]
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One calibration source and its share of the windows (weights of all entries sum to 1)."""
+
+    source: str
+    weight: float
+
+
+def split_entry(entry: str) -> tuple[str, float | None]:
+    """'wiki.txt:0.5' -> ('wiki.txt', 0.5). The weight is parsed only when the text after the LAST colon is a
+    number, so 'C:\\data\\x.txt' and 'a:b.txt' stay file names (with no weight: None)."""
+    source, colon, weight = entry.rpartition(":")
+    if not colon or not _NUMBER.fullmatch(weight.strip()):
+        return entry, None
+    if not source:
+        raise MoHError(f"calibration data entry {entry!r} has a weight but no source; write SOURCE:WEIGHT")
+    value = float(weight)
+    if not (value > 0 and math.isfinite(value)):
+        raise MoHError(f"calibration data entry {entry!r}: the weight must be a positive number, not {weight}")
+    return source, value
+
+
+def parse_calibration_data(calibration_data: str | list[str]) -> list[SourceEntry]:
+    """The entries SOURCE[:WEIGHT] (default weight 1) as sources with normalised weights. 'default' expands to
+    DEFAULT_CALIBRATION_DATA (its weight scaling the mix's); a source named twice gets the sum of its weights."""
+    entries = [calibration_data] if isinstance(calibration_data, str) else list(calibration_data)
+    weights: dict[str, float] = {}
+    for entry in entries:
+        source, weight = split_entry(entry)
+        weight = 1.0 if weight is None else weight
+        if source == "default":
+            parts = [split_entry(part) for part in DEFAULT_CALIBRATION_DATA]
+            total = sum(1.0 if part_weight is None else part_weight for _, part_weight in parts)
+            expanded = [(name, weight * (1.0 if part_weight is None else part_weight) / total) for name, part_weight in parts]
+        else:
+            expanded = [(source, weight)]
+        for name, value in expanded:
+            weights[name] = weights.get(name, 0.0) + value
+    total = sum(weights.values())
+    return [SourceEntry(source, weight / total) for source, weight in weights.items()]
