@@ -138,12 +138,12 @@ def measure_quality(args, work_dir: Path, data_dir: str, valid: str) -> None:
     dense = ppl(source)
     rows = []
     for active in args.active:
-        paper = moh_convert.convert(source, work_dir / f"paper-{active}", active_heads=active,
+        paper = moh_convert.convert(source, work_dir / f"paper-{active}", active_heads=active, no_calibration=True,
                                     shared_heads=min(PAPER_SHARED, active), overwrite=True)
         row = {"active": active, "paper": ppl(paper)}
         for label, data, tokens in (("file", valid, args.calibration_tokens), ("self", "self", args.self_tokens)):
             folder = moh_convert.convert(source, work_dir / f"{label}-{active}", active_heads=active,
-                                         shared_heads=min(PAPER_SHARED, active), overwrite=True)
+                                         shared_heads=min(PAPER_SHARED, active), overwrite=True, no_calibration=True)
             calibration = run_child(CALIBRATE_CHILD, str(folder), data, str(tokens))
             row[label] = ppl(folder)
             row[f"{label}_time"] = calibration["wall_time_s"]
@@ -160,7 +160,7 @@ def measure_big_model_memory(args, work_dir: Path, valid: str) -> None:
     big_source = work_dir / "llama-1.1b-random"
     if not (big_source / "config.json").exists():
         run_child(BUILD_1B_CHILD, str(big_source), valid)
-    big_moh = moh_convert.convert(big_source, work_dir / "llama-1.1b-moh", overwrite=True)
+    big_moh = moh_convert.convert(big_source, work_dir / "llama-1.1b-moh", overwrite=True, no_calibration=True)
     result = run_child(CALIBRATE_CHILD, str(big_moh), valid, str(args.big_tokens), str(args.big_batch_size))
     big = {"size_mb": folder_size_mb(big_source), "rss_mb": result["report_peak_rss_mb"], "time": result["wall_time_s"]}
     print(f"  1.1B calibration: {big}", flush=True)

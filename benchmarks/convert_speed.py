@@ -128,7 +128,7 @@ def child_convert(source: str, output: str, options_json: str) -> None:
 
     with PeakAnonymousRss() as anonymous:
         start = time.perf_counter()
-        moh_convert.convert(source, output, overwrite=True, **json.loads(options_json))
+        moh_convert.convert(source, output, overwrite=True, no_calibration=True, **json.loads(options_json))
         seconds = time.perf_counter() - start
     report({"seconds": seconds, "peak_rss": own_peak_rss_bytes(), "peak_anon": anonymous.peak})
 

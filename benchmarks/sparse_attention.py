@@ -357,7 +357,7 @@ def main():
     for active in (6, 9):
         out = work / f"smollm2-{active}of{num_heads}"
         if not out.exists():
-            moh_convert.convert(args.model, out, active_heads=active)
+            moh_convert.convert(args.model, out, active_heads=active, no_calibration=True)
         variants.append((f"query-norm (`convert(source, out, active_heads={active})`)", active, load(out)))
     if args.calibrated.is_dir():
         calibrated = load(args.calibrated)
@@ -377,7 +377,7 @@ def main():
             parameters = sum(p.numel() for p in load(source).parameters())
         out = work / f"llama-1b-{BIG_ACTIVE_HEADS}of32"
         if not out.exists():
-            moh_convert.convert(source, out, active_heads=BIG_ACTIVE_HEADS)
+            moh_convert.convert(source, out, active_heads=BIG_ACTIVE_HEADS, no_calibration=True)
         dense, moh = load(source, attn_implementation="sdpa"), load(out)
         big_note = (f"; ~1B model: random `LlamaForCausalLM` {BIG_CONFIG}, {parameters:,} parameters (saved in "
                     f"bfloat16, run in float32), converted with `convert(source, out, active_heads={BIG_ACTIVE_HEADS})` "

@@ -5,7 +5,7 @@
 
 Three models are tuned the same way on WikiText-2 valid.txt (same recipe, same tokens, same order):
   * dense: the source model itself (the baseline);
-  * paper: `moh convert --active-heads 6` (the paper's defaults: first 4 heads shared, query-norm router, binary
+  * paper: `moh convert --active-heads 6 --no-calibration` (the paper's defaults: first 4 heads shared, query-norm router, binary
     gates, load-balance beta 0.01);
   * calibrated: `moh convert --active-heads 6 --calibration-data valid.txt` (learned routers fitted on 16K tokens).
 The number of optimizer steps is chosen once, from a timed forward+backward of the dense model, so that one run
@@ -93,7 +93,7 @@ def main():
     calibration_seconds = None
     if not (args.reuse_conversions and (models["paper"] / "config.json").exists()):
         print("Converting with the paper defaults at 6/9 ...", flush=True)
-        moh_convert.convert(source, models["paper"], active_heads=6, overwrite=True)
+        moh_convert.convert(source, models["paper"], active_heads=6, overwrite=True, no_calibration=True)
     if not (args.reuse_conversions and (models["calibrated"] / "calibration_report.json").exists()):
         print("Converting at 6/9, calibrated on valid.txt ...", flush=True)
         start = time.perf_counter()

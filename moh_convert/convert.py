@@ -11,6 +11,9 @@ from tqdm.auto import tqdm
 
 from .architectures import attention_tensor_names, check_supported
 from .calibrate import CalibrationSettings, calibrate_folder, print_report
+
+# Without --calibration-data a converted model is calibrated on the default data mix (moh_convert.calibrate).
+DEFAULT_CALIBRATION_SOURCE = "default"
 from .calibrate.data import check_calibration_source
 from .errors import MoHError
 from .heads import first_heads_shared, resolve_head_counts
@@ -27,8 +30,10 @@ from .sources import SourceCheckpoint, resolve_source
 
 
 class ConvertOptions(CalibrationSettings):
-    """Options of `moh convert` / `moh_convert.convert()` (calibration options are inherited: with
-    `calibration_data` set, the converted model is calibrated before it is moved into place)."""
+    """Options of `moh convert` / `moh_convert.convert()`. Calibration options are inherited: the converted model
+    is calibrated before it is moved into place, on `calibration_data` or, without it, on the default data (text
+    the model writes itself, see `moh_convert.calibrate`); `no_calibration` gives the paper's parameter-free
+    conversion instead."""
 
     active_heads: int | None = Field(None, description="Heads each token uses per layer (shared + routed top-K).")
     active_ratio: float | None = Field(None, description="Active heads as a fraction of all heads (default 0.75).")
@@ -47,6 +52,11 @@ class ConvertOptions(CalibrationSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype of the written weights; auto keeps the source's."
     )
+    no_calibration: bool = Field(
+        False,
+        description="Skip calibration and write the paper's parameter-free conversion (the first heads shared, the "
+        "query-norm router): far below the source's quality until trained on billions of tokens; for `moh train`.",
+    )
     base_model: str | None = Field(None, description="Hub id recorded as base_model in the model card.")
     overwrite: bool = Field(False, description="Replace OUTPUT if it exists.")
     push_to_hub: str | None = Field(None, description="Hub repo id to publish OUTPUT to when done (see `moh push`).")
@@ -59,8 +69,11 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
     hidden temporary folder next to OUTPUT and renamed into place only when complete. Returns OUTPUT.
     """
     opts = validate_options(ConvertOptions, options)
-    if opts.calibration_data is not None:
-        check_calibration_source(opts.calibration_data, opts.calibration_column)  # before GBs of weights are copied
+    if opts.no_calibration and opts.calibration_data is not None:
+        raise MoHError("give either --calibration-data or --no-calibration, not both")
+    calibration_data = None if opts.no_calibration else (opts.calibration_data or DEFAULT_CALIBRATION_SOURCE)
+    if calibration_data is not None:
+        check_calibration_source(calibration_data, opts.calibration_column)  # before GBs of weights are copied
     output = Path(output).expanduser().resolve()
     if opts.push_to_hub:
         from .hub import check_push_ready
@@ -77,12 +90,13 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
         write_moh_config(staging, moh_config)
         base_model = opts.base_model or _hub_id_or_none(source_checkpoint.name)
         write_model_card(staging, moh_config, source_checkpoint.name, base_model=base_model)
-        if opts.calibration_data is not None:
-            settings = CalibrationSettings(**opts.model_dump(include=set(CalibrationSettings.model_fields)))
+        if calibration_data is not None:
+            settings = CalibrationSettings(**{**opts.model_dump(include=set(CalibrationSettings.model_fields)),
+                                              "calibration_data": calibration_data})
             # Calibration measures which heads each layer shares, and how many unless the user fixed that number.
             report = calibrate_folder(staging, settings, opts.shared_heads if opts.shared_heads is not None else "auto")
         staged.move_into_place()
-    if opts.calibration_data is not None:
+    if calibration_data is not None:
         print_report(report)
     if opts.push_to_hub:
         from .hub import describe_push, push

@@ -55,8 +55,9 @@ def main():
         dequantize_gguf(smollm2_gguf(), source)
     heads = f"--active-heads {args.active_heads} --shared-heads {args.shared_heads}"
     paper_folder = output / f"smollm2-135m-moh-{args.active_heads}of9-paper"
-    print(f"$ moh convert {source} {paper_folder} {heads} --overwrite")
-    moh_convert.convert(source, paper_folder, active_heads=args.active_heads, shared_heads=args.shared_heads, overwrite=True)
+    print(f"$ moh convert {source} {paper_folder} {heads} --no-calibration --overwrite")
+    moh_convert.convert(source, paper_folder, active_heads=args.active_heads, shared_heads=args.shared_heads,
+                        no_calibration=True, overwrite=True)
     data_dir = Path(args.data_dir)
     calibration_text = data_dir / "wikitext-2" / "valid.txt"
     calibrated_folder = output / f"smollm2-135m-moh-{args.active_heads}of9-calibrated"

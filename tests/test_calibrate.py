@@ -25,7 +25,7 @@ def text_file(tmp_path_factory):
 
 
 def converted(tiny_checkpoints, model_type, folder, **options):
-    return moh_convert.convert(tiny_checkpoints[model_type], folder, active_heads=2, shared_heads=1, **options)
+    return moh_convert.convert(tiny_checkpoints[model_type], folder, active_heads=2, shared_heads=1, **options, no_calibration=True)
 
 
 def heldout_windows(folder, text_file):
@@ -93,7 +93,7 @@ def test_calibration_is_deterministic(tiny_checkpoints, text_file, tmp_path):
 
 
 def test_fixed_number_of_shared_heads(tiny_checkpoints, text_file, tmp_path):
-    out = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=3, shared_heads=1)
+    out = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=3, shared_heads=1, no_calibration=True)
     calibrate(out, calibration_data=str(text_file), shared_heads=2, **SETTINGS)
     config = json.loads((out / "config.json").read_text())
     assert [len(shared) for shared in config["shared_heads"]] == [2, 2]
@@ -148,7 +148,7 @@ def test_errors(tiny_checkpoints, text_file, tmp_path):
 
 
 def test_mean_fallback_and_per_layer_shared_count(tiny_checkpoints, text_file, tmp_path):
-    out = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=3, shared_heads=1)
+    out = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=3, shared_heads=1, no_calibration=True)
     calibrate(out, calibration_data=str(text_file), head_fallback="mean", **SETTINGS)
     config = json.loads((out / "config.json").read_text())
     assert all(len(heads) + top_k == 3 for heads, top_k in zip(config["shared_heads"], config["routed_top_k"]))
@@ -172,7 +172,7 @@ def source_tensors(folder) -> dict:
 
 def test_refit_rewrites_only_o_proj_in_the_shards_and_keeps_dtypes(tiny_checkpoints, text_file, tmp_path):
     source = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "moh", active_heads=2, shared_heads=1,
-                                 dtype="bfloat16")
+                                 dtype="bfloat16", no_calibration=True)
     before = source_tensors(source)
     out = tmp_path / "calibrated"
     calibrate(source, output=str(out), calibration_data=str(text_file), **SETTINGS)

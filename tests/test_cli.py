@@ -22,7 +22,7 @@ def test_console_script_is_installed():
 
 
 def test_convert_flags_reach_the_api(tiny_checkpoints, tmp_path):
-    code = main(["convert", str(tiny_checkpoints["phi3"]), str(tmp_path / "out"), "--active-heads", "3",
+    code = main(["convert", "--no-calibration", str(tiny_checkpoints["phi3"]), str(tmp_path / "out"), "--active-heads", "3",
                  "--shared-heads", "1", "--router", "learned", "--dtype", "float16"])
     assert code == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -38,7 +38,7 @@ def test_convert_flags_reach_the_api(tiny_checkpoints, tmp_path):
     ],
 )
 def test_bad_head_counts_exit_with_one_line(tiny_checkpoints, tmp_path, extra_args, message):
-    result = run_moh("convert", tiny_checkpoints["llama"], tmp_path / "out", *extra_args)
+    result = run_moh("convert", "--no-calibration", tiny_checkpoints["llama"], tmp_path / "out", *extra_args)
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("moh convert: error:")]
     assert len(error_lines) == 1 and message in error_lines[0]
@@ -48,6 +48,6 @@ def test_bad_head_counts_exit_with_one_line(tiny_checkpoints, tmp_path, extra_ar
 
 def test_existing_output_needs_overwrite(tiny_checkpoints, tmp_path):
     (tmp_path / "out").mkdir()
-    result = run_moh("convert", tiny_checkpoints["llama"], tmp_path / "out")
+    result = run_moh("convert", "--no-calibration", tiny_checkpoints["llama"], tmp_path / "out")
     assert result.returncode == 2
     assert "already exists; pass --overwrite" in result.stderr and "Traceback" not in result.stderr

@@ -28,7 +28,7 @@ def tensors_in(folder):
 
 
 def test_output_folder_is_complete(tiny_checkpoints, tmp_path):
-    out = convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=3, shared_heads=2)
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=3, shared_heads=2, no_calibration=True)
     files = {path.name for path in out.iterdir()}
     assert {"config.json", "generation_config.json", "modeling_moh.py", "configuration_moh.py", "README.md"} <= files
     config = json.loads((out / "config.json").read_text())
@@ -44,7 +44,7 @@ def test_output_folder_is_complete(tiny_checkpoints, tmp_path):
 
 
 def test_source_tensors_are_kept_unchanged(tiny_checkpoints, tmp_path):
-    out = convert(tiny_checkpoints["qwen3"], tmp_path / "out", router="learned")
+    out = convert(tiny_checkpoints["qwen3"], tmp_path / "out", router="learned", no_calibration=True)
     source, converted = tensors_in(tiny_checkpoints["qwen3"]), tensors_in(out)
     for name, tensor in source.items():
         assert torch.equal(converted[name], tensor), name
@@ -55,7 +55,7 @@ def test_source_tensors_are_kept_unchanged(tiny_checkpoints, tmp_path):
 
 def test_default_is_papers_setting(tiny_checkpoints, tmp_path):
     # 4 heads: 75% active -> 3, 50% shared -> 2, so each token picks 1 of the 2 routed heads.
-    out = convert(tiny_checkpoints["llama"], tmp_path / "out")
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", no_calibration=True)
     config = json.loads((out / "config.json").read_text())
     assert config["shared_heads"][0] == [0, 1] and config["routed_top_k"] == 1
     assert config["router"] == "query-norm" and config["gate_mode"] == "binary"
@@ -66,7 +66,7 @@ def test_sharded_source_is_streamed_with_index(tiny_checkpoints, tmp_path):
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     shards = sorted(path.name for path in (tmp_path / "sharded").glob("*.safetensors"))
     assert len(shards) > 2
-    out = convert(tmp_path / "sharded", tmp_path / "out", router="learned", active_heads=2, shared_heads=1)
+    out = convert(tmp_path / "sharded", tmp_path / "out", router="learned", active_heads=2, shared_heads=1, no_calibration=True)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(shards) <= set(index["weight_map"].values())
     for shard in shards:  # byte-for-byte copies
@@ -76,7 +76,7 @@ def test_sharded_source_is_streamed_with_index(tiny_checkpoints, tmp_path):
 
 
 def test_dtype_conversion(tiny_checkpoints, tmp_path):
-    out = convert(tiny_checkpoints["mistral"], tmp_path / "out", dtype="bfloat16", router="learned")
+    out = convert(tiny_checkpoints["mistral"], tmp_path / "out", dtype="bfloat16", router="learned", no_calibration=True)
     tensors, source = tensors_in(out), tensors_in(tiny_checkpoints["mistral"])
     assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}
     for name, tensor in source.items():  # written one tensor at a time by our own safetensors writer
@@ -90,7 +90,7 @@ def test_pytorch_bin_source(tiny_checkpoints, tmp_path):
     (tmp_path / "bin").mkdir()
     shutil.copy(tiny_checkpoints["llama"] / "config.json", tmp_path / "bin")
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    out = convert(tmp_path / "bin", tmp_path / "out", active_heads=4)
+    out = convert(tmp_path / "bin", tmp_path / "out", active_heads=4, no_calibration=True)
     moh = AutoModelForCausalLM.from_pretrained(out).eval()
     input_ids = torch.arange(3, 13)[None]
     with torch.no_grad():
@@ -98,9 +98,9 @@ def test_pytorch_bin_source(tiny_checkpoints, tmp_path):
 
 
 def test_overwrite_replaces_output(tiny_checkpoints, tmp_path):
-    out = convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=4)
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=4, no_calibration=True)
     (out / "stale.txt").write_text("old")
-    convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=2, overwrite=True)
+    convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=2, overwrite=True, no_calibration=True)
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "config.json").read_text())["routed_top_k"] == 0
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
@@ -112,15 +112,15 @@ def test_interrupted_conversion_leaves_no_output(tiny_checkpoints, tmp_path, mon
 
     monkeypatch.setattr(convert_module, "write_model_card", crash)
     with pytest.raises(KeyboardInterrupt):
-        convert(tiny_checkpoints["llama"], tmp_path / "out")
+        convert(tiny_checkpoints["llama"], tmp_path / "out", no_calibration=True)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_overwrite_keeps_previous_output(tiny_checkpoints, tmp_path, monkeypatch):
-    out = convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=4)
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=4, no_calibration=True)
     monkeypatch.setattr(convert_module, "write_model_card", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        convert(tiny_checkpoints["llama"], out, active_heads=3, overwrite=True)
+        convert(tiny_checkpoints["llama"], out, active_heads=3, overwrite=True, no_calibration=True)
     assert json.loads((out / "config.json").read_text())["routed_top_k"] == 2  # 4 active - 2 shared
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
 
@@ -133,7 +133,7 @@ def test_unsupported_architecture(tmp_path):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(MoHError, match=r"unsupported architecture 'gpt2'; supported model types: .*llama.*phi3"):
-        convert(tmp_path / "gpt2", tmp_path / "out")
+        convert(tmp_path / "gpt2", tmp_path / "out", no_calibration=True)
 
 
 @pytest.mark.parametrize(
@@ -152,34 +152,34 @@ def test_unsupported_architecture(tmp_path):
 )
 def test_impossible_options(tiny_checkpoints, tmp_path, options, message):
     with pytest.raises(MoHError, match=message):
-        convert(tiny_checkpoints["llama"], tmp_path / "out", **options)
+        convert(tiny_checkpoints["llama"], tmp_path / "out", **options, no_calibration=True)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_source(tmp_path):
     with pytest.raises(MoHError, match=r"source '.*nowhere' not found: pass an existing checkpoint folder"):
-        convert(str(tmp_path / "nowhere"), tmp_path / "out")
+        convert(str(tmp_path / "nowhere"), tmp_path / "out", no_calibration=True)
 
 
 def test_missing_config(tiny_checkpoints, tmp_path):
     shutil.copytree(tiny_checkpoints["llama"], tmp_path / "src")
     (tmp_path / "src" / "config.json").unlink()
     with pytest.raises(MoHError, match=r"has no config.json; it is not a Hugging Face checkpoint folder"):
-        convert(tmp_path / "src", tmp_path / "out")
+        convert(tmp_path / "src", tmp_path / "out", no_calibration=True)
 
 
 def test_missing_weights(tiny_checkpoints, tmp_path):
     shutil.copytree(tiny_checkpoints["llama"], tmp_path / "src")
     (tmp_path / "src" / "model.safetensors").unlink()
     with pytest.raises(MoHError, match=r"has no weights"):
-        convert(tmp_path / "src", tmp_path / "out")
+        convert(tmp_path / "src", tmp_path / "out", no_calibration=True)
 
 
 def test_corrupt_safetensors(tiny_checkpoints, tmp_path):
     shutil.copytree(tiny_checkpoints["llama"], tmp_path / "src")
     (tmp_path / "src" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(MoHError, match=r"weights file model.safetensors is truncated or not a safetensors file; re-download"):
-        convert(tmp_path / "src", tmp_path / "out")
+        convert(tmp_path / "src", tmp_path / "out", no_calibration=True)
 
 
 def test_index_names_missing_shard(tiny_checkpoints, tmp_path):
@@ -187,7 +187,7 @@ def test_index_names_missing_shard(tiny_checkpoints, tmp_path):
     victim = sorted((tmp_path / "src").glob("*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(MoHError, match=rf"names missing shard\(s\) {victim.name}; re-download"):
-        convert(tmp_path / "src", tmp_path / "out")
+        convert(tmp_path / "src", tmp_path / "out", no_calibration=True)
 
 
 def test_checkpoint_without_attention_tensors(tiny_checkpoints, tmp_path):
@@ -198,7 +198,7 @@ def test_checkpoint_without_attention_tensors(tiny_checkpoints, tmp_path):
     del tensors["model.layers.1.self_attn.o_proj.weight"]
     save_file(tensors, tmp_path / "src" / "model.safetensors")
     with pytest.raises(MoHError, match=r"lacks tensor\(s\) model.layers.1.self_attn.o_proj.weight; it is incomplete"):
-        convert(tmp_path / "src", tmp_path / "out")
+        convert(tmp_path / "src", tmp_path / "out", no_calibration=True)
 
 
 def test_gguf_without_gguf_package(tmp_path, monkeypatch):
@@ -209,20 +209,20 @@ def test_gguf_without_gguf_package(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
     with pytest.raises(MoHError, match=r"reading GGUF files needs the gguf package: pip install gguf"):
-        convert(gguf_file, tmp_path / "out")
+        convert(gguf_file, tmp_path / "out", no_calibration=True)
 
 
 def test_corrupt_gguf(tmp_path):
     gguf_file = tmp_path / "model.gguf"
     gguf_file.write_bytes(b"GGUF" + os.urandom(64))
     with pytest.raises(MoHError, match=r"could not read GGUF file .*model.gguf"):
-        convert(gguf_file, tmp_path / "out")
+        convert(gguf_file, tmp_path / "out", no_calibration=True)
 
 
 def test_output_exists_without_overwrite(tiny_checkpoints, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(MoHError, match=r"already exists; pass --overwrite to replace it"):
-        convert(tiny_checkpoints["llama"], tmp_path / "out")
+        convert(tiny_checkpoints["llama"], tmp_path / "out", no_calibration=True)
 
 
 def test_hub_id_not_cached_while_offline(tmp_path, monkeypatch):
@@ -232,7 +232,7 @@ def test_hub_id_not_cached_while_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MoHError, match=r"not in the local Hugging Face cache and the Hub cannot be reached"):
-        convert("someone/some-model", tmp_path / "out")
+        convert("someone/some-model", tmp_path / "out", no_calibration=True)
 
 
 def test_hub_id_resolved_from_cache(tiny_checkpoints, tmp_path, monkeypatch):
@@ -246,14 +246,14 @@ def test_hub_id_resolved_from_cache(tiny_checkpoints, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    out = convert("someone/tiny-llama", tmp_path / "out")
+    out = convert("someone/tiny-llama", tmp_path / "out", no_calibration=True)
     assert "base_model: someone/tiny-llama" in (out / "README.md").read_text()
 
 
 def test_already_moh_source(tiny_checkpoints, tmp_path):
-    out = convert(tiny_checkpoints["llama"], tmp_path / "out")
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", no_calibration=True)
     with pytest.raises(MoHError, match=r"already a MoH model"):
-        convert(out, tmp_path / "again")
+        convert(out, tmp_path / "again", no_calibration=True)
 
 
 def test_push_to_hub_fails_before_converting_when_offline(tiny_checkpoints, tmp_path, monkeypatch):
@@ -261,7 +261,7 @@ def test_push_to_hub_fails_before_converting_when_offline(tiny_checkpoints, tmp_
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MoHError, match=r"offline mode is on"):
-        convert(tiny_checkpoints["llama"], tmp_path / "out", push_to_hub="me/tiny-moh")
+        convert(tiny_checkpoints["llama"], tmp_path / "out", push_to_hub="me/tiny-moh", no_calibration=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -272,5 +272,28 @@ def test_push_to_hub_uploads_the_finished_folder(tiny_checkpoints, tmp_path, mon
     monkeypatch.setattr(hub, "check_push_ready", lambda repo_id: None)
     monkeypatch.setattr(hub, "push", lambda folder, repo_id, **options: pushed.append((folder, repo_id)) or "pushed")
     monkeypatch.setattr(hub, "describe_push", lambda result: result)
-    out = convert(tiny_checkpoints["llama"], tmp_path / "out", push_to_hub="me/tiny-moh")
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", push_to_hub="me/tiny-moh", no_calibration=True)
     assert pushed == [(out, "me/tiny-moh")] and (out / "config.json").exists()
+
+
+def test_convert_calibrates_by_default(tiny_checkpoints, tmp_path):
+    """No data option: the model is calibrated on the default mix (text the model writes itself), so a user who
+    never heard of calibration does not get the paper's untrained conversion."""
+    from moh_convert.calibrate.settings import DEFAULT_CALIBRATION_DATA
+
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=3, calibration_tokens=256,
+                  calibration_seq_len=32, calibration_heldout_tokens=64)
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["calibration_data"] == "default"
+    sources = sorted(entry["source"] for entry in report["sources"])
+    assert sources == sorted(entry.split(":")[0] for entry in DEFAULT_CALIBRATION_DATA)
+    assert json.loads((out / "config.json").read_text())["router"] == "learned"
+    assert "## Calibration" in (out / "README.md").read_text()
+
+
+def test_no_calibration_gives_the_paper_conversion(tiny_checkpoints, tmp_path):
+    out = convert(tiny_checkpoints["llama"], tmp_path / "out", active_heads=3, no_calibration=True)
+    assert not (out / "calibration_report.json").exists()
+    assert json.loads((out / "config.json").read_text())["router"] == "query-norm"
+    with pytest.raises(MoHError, match="either --calibration-data or --no-calibration"):
+        convert(tiny_checkpoints["llama"], tmp_path / "again", no_calibration=True, calibration_data="self")

@@ -357,8 +357,8 @@ def tiny_models(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     (dense / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     return {
         "dense": dense,
-        "moh_3of4": moh_convert.convert(dense, root / "moh-3of4", active_heads=3, shared_heads=1),
-        "moh_4of4": moh_convert.convert(dense, root / "moh-4of4", active_heads=4, shared_heads=2),
+        "moh_3of4": moh_convert.convert(dense, root / "moh-3of4", active_heads=3, shared_heads=1, no_calibration=True),
+        "moh_4of4": moh_convert.convert(dense, root / "moh-4of4", active_heads=4, shared_heads=2, no_calibration=True),
     }
 
 
@@ -525,7 +525,7 @@ def test_dense_smollm2_scores_above_chance(smollm2_folder, tmp_path):
 
 @pytest.mark.slow
 def test_moh_eval_cli_on_converted_smollm2(smollm2_folder, tmp_path):
-    moh = moh_convert.convert(smollm2_folder, tmp_path / "moh-6of9", active_heads=6, shared_heads=3)
+    moh = moh_convert.convert(smollm2_folder, tmp_path / "moh-6of9", active_heads=6, shared_heads=3, no_calibration=True)
     out = tmp_path / "eval"
     result = subprocess.run(
         [sys.executable, "-m", "moh_convert", "eval", str(moh), "--baseline", str(smollm2_folder), "--data-dir",
@@ -543,7 +543,7 @@ def test_moh_eval_cli_on_converted_smollm2(smollm2_folder, tmp_path):
 # The plain lm-eval command line on a converted folder: remote code only (this process never imports moh_convert).
 @pytest.mark.slow
 def test_plain_lm_eval_cli_runs_a_converted_model(smollm2_folder, tmp_path):
-    moh = moh_convert.convert(smollm2_folder, tmp_path / "moh-6of9", active_heads=6, shared_heads=3)
+    moh = moh_convert.convert(smollm2_folder, tmp_path / "moh-6of9", active_heads=6, shared_heads=3, no_calibration=True)
     twins = write_local_tasks(["arc_easy"], REAL_EVAL_DATA, tmp_path / "local_tasks")
     result = subprocess.run(
         ["lm_eval", "--model", "hf", "--model_args", f"pretrained={moh},trust_remote_code=True,dtype=float32",

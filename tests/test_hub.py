@@ -43,7 +43,7 @@ def tiny_moh_template(tiny_checkpoints, tmp_path_factory) -> Path:
     shutil.copytree(tiny_checkpoints["llama"], source)
     save_tiny_tokenizer(source)
     out = tmp_path_factory.mktemp("tiny-moh") / "tiny-moh"
-    return convert(source, out, active_heads=3, shared_heads=2, router="learned", base_model="someone/tiny-llama")
+    return convert(source, out, active_heads=3, shared_heads=2, router="learned", base_model="someone/tiny-llama", no_calibration=True)
 
 
 @pytest.fixture
@@ -397,7 +397,7 @@ print("GENERATED:", tokenizer.decode(tokens[0]))
 
 @pytest.mark.slow
 def test_dry_run_on_converted_smollm2_and_the_listed_folder_loads(smollm2_folder, tmp_path):
-    out = convert(smollm2_folder, tmp_path / "smollm2-moh", active_heads=6, shared_heads=3)
+    out = convert(smollm2_folder, tmp_path / "smollm2-moh", active_heads=6, shared_heads=3, no_calibration=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("HF_TOKEN", None)
     result = subprocess.run(

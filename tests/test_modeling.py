@@ -38,7 +38,7 @@ def sample_batch():
 def converted_all_heads(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("all-heads")
     return {
-        model_type: moh_convert.convert(folder, root / model_type, active_heads=NUM_HEADS, shared_heads=1)
+        model_type: moh_convert.convert(folder, root / model_type, active_heads=NUM_HEADS, shared_heads=1, no_calibration=True)
         for model_type, folder in tiny_checkpoints.items()
     }
 
@@ -47,7 +47,7 @@ def converted_all_heads(tiny_checkpoints, tmp_path_factory):
 def converted_half_heads(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("half-heads")
     return {
-        model_type: moh_convert.convert(folder, root / model_type, active_heads=2, shared_heads=1)
+        model_type: moh_convert.convert(folder, root / model_type, active_heads=2, shared_heads=1, no_calibration=True)
         for model_type, folder in tiny_checkpoints.items()
     }
 
@@ -126,7 +126,7 @@ def test_learned_two_stage_router_starts_at_dense_scale(tiny_checkpoints, tmp_pa
     out = moh_convert.convert(
         tiny_checkpoints["llama"], tmp_path / "two-stage", active_heads=NUM_HEADS, shared_heads=2,
         router="learned", gate_mode="two-stage",
-    )
+     no_calibration=True,)
     dense, moh = load_pair(tiny_checkpoints["llama"], out, "sdpa")
     input_ids, attention_mask = sample_batch()
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_learned_two_stage_router_starts_at_dense_scale(tiny_checkpoints, tmp_pa
 def test_binary_gates_pass_router_gradient_straight_through(tiny_checkpoints, tmp_path):
     out = moh_convert.convert(
         tiny_checkpoints["llama"], tmp_path / "learned", active_heads=2, shared_heads=1, router="learned"
-    )
+    , no_calibration=True)
     moh = AutoModelForCausalLM.from_pretrained(out).train()
     input_ids, _ = sample_batch()
     loss = moh(input_ids=input_ids, labels=input_ids).loss

@@ -48,21 +48,21 @@ def source(tiny_checkpoints, tmp_path) -> Path:
 
 def test_convert_refuses_output_equal_to_the_source(source, capsys):
     before = tree(source.parent)
-    assert main(["convert", str(source), str(source), "--overwrite"]) == 2
+    assert main(["convert", "--no-calibration", str(source), str(source), "--overwrite"]) == 2
     assert "is the source itself" in error_line(capsys, "convert")
     assert tree(source.parent) == before
 
 
 def test_convert_refuses_output_around_the_source(source, capsys):
     before = tree(source.parent)
-    assert main(["convert", str(source), str(source.parent), "--overwrite"]) == 2
+    assert main(["convert", "--no-calibration", str(source), str(source.parent), "--overwrite"]) == 2
     assert "contains the source" in error_line(capsys, "convert")
     assert tree(source.parent) == before
 
 
 def test_convert_refuses_output_inside_the_source(source, capsys):
     before = tree(source.parent)
-    assert main(["convert", str(source), str(source / "moh")]) == 2
+    assert main(["convert", "--no-calibration", str(source), str(source / "moh")]) == 2
     assert "lies inside the source" in error_line(capsys, "convert")
     assert tree(source.parent) == before
 
@@ -71,24 +71,24 @@ def test_overwrite_replaces_only_what_moh_convert_wrote(source, tmp_path, capsys
     unrelated = tmp_path / "photos"
     unrelated.mkdir()
     (unrelated / "cat.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    assert main(["convert", str(source), str(unrelated), "--overwrite"]) == 2
+    assert main(["convert", "--no-calibration", str(source), str(unrelated), "--overwrite"]) == 2
     assert "is not a MoH model folder" in error_line(capsys, "convert")
     assert (unrelated / "cat.jpg").read_bytes() == b"\xff\xd8 not really a jpeg"
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["convert", str(source), str(empty), "--overwrite"]) == 0
+    assert main(["convert", "--no-calibration", str(source), str(empty), "--overwrite"]) == 0
     assert (empty / "config.json").is_file()
     # A MoH folder written earlier is replaced, with the new settings.
-    assert main(["convert", str(source), str(empty), "--overwrite", "--active-heads", "2", "--shared-heads", "1"]) == 0
+    assert main(["convert", "--no-calibration", str(source), str(empty), "--overwrite", "--active-heads", "2", "--shared-heads", "1"]) == 0
     assert '"routed_top_k": 1' in (empty / "config.json").read_text()
 
 
 def test_output_path_through_a_file_is_one_line(source, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
-    assert main(["convert", str(source), str(tmp_path / "a-file" / "out")]) == 2
+    assert main(["convert", "--no-calibration", str(source), str(tmp_path / "a-file" / "out")]) == 2
     assert "is a file, not a folder" in error_line(capsys, "convert")
-    assert main(["convert", str(source), str(tmp_path / "a-file"), "--overwrite"]) == 2
+    assert main(["convert", "--no-calibration", str(source), str(tmp_path / "a-file"), "--overwrite"]) == 2
     assert "is a file" in error_line(capsys, "convert")
 
 
@@ -98,7 +98,7 @@ def test_unwritable_output_parent_is_one_line(source, tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        assert main(["convert", str(source), str(locked / "out")]) == 2
+        assert main(["convert", "--no-calibration", str(source), str(locked / "out")]) == 2
         assert "permission denied" in error_line(capsys, "convert")
     finally:
         locked.chmod(0o755)
@@ -107,7 +107,7 @@ def test_unwritable_output_parent_is_one_line(source, tmp_path, capsys):
 def test_a_second_run_on_the_same_output_is_refused(source, tmp_path, capsys):
     output = tmp_path / "out"
     with OutputLock(output):  # what a first run holds for its whole duration
-        assert main(["convert", str(source), str(output)]) == 2
+        assert main(["convert", "--no-calibration", str(source), str(output)]) == 2
         assert "another moh command is writing" in error_line(capsys, "convert")
     assert not output.exists()
     assert not (tmp_path / ".out.lock").exists()  # the lock file goes with the lock
@@ -126,14 +126,14 @@ def test_an_output_that_appears_during_the_run_is_left_alone(source, tmp_path, m
         return real_write_model_card(*args, **kwargs)
 
     monkeypatch.setattr(convert_module, "write_model_card", write_card_while_someone_creates_output)
-    assert main(["convert", str(source), str(output)]) == 2
+    assert main(["convert", "--no-calibration", str(source), str(output)]) == 2
     assert "appeared while this run was working" in error_line(capsys, "convert")
     assert names(output) == ["theirs.txt"]
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
 def test_calibrate_output_must_stay_clear_of_the_model(source, tmp_path, capsys):
-    moh = moh_convert.convert(source, tmp_path / "moh", active_heads=2, shared_heads=1)
+    moh = moh_convert.convert(source, tmp_path / "moh", active_heads=2, shared_heads=1, no_calibration=True)
     text = tmp_path / "text.txt"
     text.write_text(synthetic_text(800))
     before = tree(moh)
@@ -218,7 +218,7 @@ def test_killed_calibrate_then_rerun_leaves_what_one_clean_run_leaves(source, tm
     runs = {}
     for name in ("clean", "killed"):
         runs[name] = tmp_path / name
-        moh_convert.convert(source, runs[name] / "moh", active_heads=2, shared_heads=1)
+        moh_convert.convert(source, runs[name] / "moh", active_heads=2, shared_heads=1, no_calibration=True)
     args = ["--calibration-data", str(text), *CALIBRATION]
     assert main(["calibrate", str(runs["clean"] / "moh"), *args]) == 0
     before = tree(runs["killed"] / "moh")
@@ -232,7 +232,7 @@ def test_killed_calibrate_then_rerun_leaves_what_one_clean_run_leaves(source, tm
 def test_a_second_training_run_on_the_same_output_dir_is_refused(source, tmp_path, capsys):
     from .train_helpers import tiny_recipe, write_recipe
 
-    moh = moh_convert.convert(source, tmp_path / "moh", active_heads=3, shared_heads=1)
+    moh = moh_convert.convert(source, tmp_path / "moh", active_heads=3, shared_heads=1, no_calibration=True)
     text = tmp_path / "train.txt"
     text.write_text(synthetic_text(2000))
     run = tmp_path / "run"

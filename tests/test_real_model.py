@@ -23,7 +23,7 @@ PROMPTS = [
 
 
 def test_all_heads_active_is_the_source_model(smollm2_folder, tmp_path):
-    out = moh_convert.convert(smollm2_folder, tmp_path / "moh-9of9", active_heads=9)
+    out = moh_convert.convert(smollm2_folder, tmp_path / "moh-9of9", active_heads=9, no_calibration=True)
     dense = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
     moh = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -59,7 +59,7 @@ print("GENERATED:", tokenizer.decode(tokens[0]))
 def test_gguf_converted_to_six_heads_loads_without_the_toolkit(tmp_path):
     out = tmp_path / "moh-6of9"
     result = subprocess.run(
-        [sys.executable, "-m", "moh_convert", "convert", str(smollm2_gguf_path()), str(out),
+        [sys.executable, "-m", "moh_convert", "convert", "--no-calibration", str(smollm2_gguf_path()), str(out),
          "--active-heads", "6", "--shared-heads", "3", "--router", "query-norm"],
         capture_output=True, text=True,
     )

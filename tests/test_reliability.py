@@ -29,7 +29,7 @@ FAST_CALIBRATION = ["--calibration-tokens", "256", "--calibration-seq-len", "32"
 def tiny_moh(tiny_checkpoints, tmp_path_factory) -> Path:
     """A tiny converted llama (2 of 4 heads active, 1 shared); tests copy it before changing it."""
     return moh_convert.convert(tiny_checkpoints["llama"], tmp_path_factory.mktemp("reliability") / "moh",
-                               active_heads=2, shared_heads=1)
+                               active_heads=2, shared_heads=1, no_calibration=True)
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_convert_checks_every_source_shard_before_writing(tiny_checkpoints, tmp_
     assert len(shards) > 2
     damage(shards[-1], how)  # the last shard: all are checked before the first is copied
     before = snapshot(source)
-    assert moh(capsys, ["convert", str(source), str(tmp_path / "out"), *(["--dtype", dtype] if dtype else [])]) == 2
+    assert moh(capsys, ["convert", "--no-calibration", str(source), str(tmp_path / "out"), *(["--dtype", dtype] if dtype else [])]) == 2
     one_line_error(capsys, "convert", f"weights file {shards[-1].name} {problem}", "re-download the checkpoint")
     assert_nothing_written(tmp_path / "out")
     assert snapshot(source) == before
@@ -182,7 +182,7 @@ def test_a_damaged_single_weights_file_is_one_line(tiny_checkpoints, tmp_path, c
     source = tmp_path / "src"
     shutil.copytree(tiny_checkpoints["llama"], source)
     damage(source / "model.safetensors", "truncated")
-    assert moh(capsys, ["convert", str(source), str(tmp_path / "out"), "--dtype", "float16"]) == 2
+    assert moh(capsys, ["convert", "--no-calibration", str(source), str(tmp_path / "out"), "--dtype", "float16"]) == 2
     one_line_error(capsys, "convert", "weights file model.safetensors is truncated", "re-download the checkpoint")
     assert_nothing_written(tmp_path / "out")
 

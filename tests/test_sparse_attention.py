@@ -34,7 +34,7 @@ def converted_half_heads(tiny_checkpoints, tmp_path_factory):
     """2 of 4 heads per token: 1 shared + top-1 of 3 routed, query-norm router (the paper's conversion)."""
     root = tmp_path_factory.mktemp("sparse-half-heads")
     return {
-        model_type: moh_convert.convert(folder, root / model_type, active_heads=2, shared_heads=1)
+        model_type: moh_convert.convert(folder, root / model_type, active_heads=2, shared_heads=1, no_calibration=True)
         for model_type, folder in tiny_checkpoints.items()
     }
 
@@ -201,7 +201,7 @@ def test_attention_path_switches(tiny_checkpoints, converted_half_heads, tmp_pat
         model.set_attention_path("fast")
 
     # All heads active with binary gates is the source model: nothing to skip, the source kernel stays.
-    all_heads = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "all", active_heads=NUM_HEADS, shared_heads=1)
+    all_heads = moh_convert.convert(tiny_checkpoints["llama"], tmp_path / "all", active_heads=NUM_HEADS, shared_heads=1, no_calibration=True)
     assert AutoModelForCausalLM.from_pretrained(all_heads).config.text_config._attn_implementation == "sdpa"
 
 

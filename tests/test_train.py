@@ -271,7 +271,7 @@ def test_fsdp_config_wraps_each_family_decoder_layer(tiny_checkpoints, tmp_path)
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
     assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
     for family in ("llama", "qwen3", "gemma3_text", "phi3"):
-        folder = moh_convert.convert(tiny_checkpoints[family], tmp_path / family, active_heads=3, shared_heads=1)
+        folder = moh_convert.convert(tiny_checkpoints[family], tmp_path / family, active_heads=3, shared_heads=1, no_calibration=True)
         model = AutoModelForCausalLM.from_pretrained(folder)
         layer_classes = {type(layer).__name__ for layer in model.model.layers}
         assert set(model._no_split_modules) == layer_classes and len(layer_classes) == 1, family
@@ -283,7 +283,7 @@ def test_fsdp_config_wraps_each_family_decoder_layer(tiny_checkpoints, tmp_path)
 @pytest.fixture(scope="module")
 def smollm2_moh_6of9(smollm2_folder, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct converted with the paper's defaults at 6 of 9 heads (4 shared + top-2 of 5)."""
-    return moh_convert.convert(smollm2_folder, tmp_path_factory.mktemp("smollm2-train") / "moh-6of9", active_heads=6)
+    return moh_convert.convert(smollm2_folder, tmp_path_factory.mktemp("smollm2-train") / "moh-6of9", active_heads=6, no_calibration=True)
 
 
 @pytest.mark.slow

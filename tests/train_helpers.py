@@ -23,9 +23,9 @@ def tiny_moh_models(tiny_checkpoints: dict[str, Path], root: Path) -> dict[str, 
     """Tiny llama converted twice (3 of 4 heads, 1 shared): query-norm router and learned router; plus text.
     (Each test module makes it its `tiny_moh` fixture.)"""
     folders = {
-        "query-norm": moh_convert.convert(tiny_checkpoints["llama"], root / "moh-qn", active_heads=3, shared_heads=1),
+        "query-norm": moh_convert.convert(tiny_checkpoints["llama"], root / "moh-qn", active_heads=3, shared_heads=1, no_calibration=True),
         "learned": moh_convert.convert(tiny_checkpoints["llama"], root / "moh-learned", active_heads=3,
-                                       shared_heads=1, router="learned"),
+                                       shared_heads=1, router="learned", no_calibration=True),
         "text": root / "train.txt",
     }
     folders["text"].write_text(synthetic_text(12000))
