@@ -77,9 +77,13 @@ SUBCOMMANDS = (
         "convert",
         help="convert a dense checkpoint into a MoH model folder",
         description="Insert a router and a shared/routed head split into every attention block of SOURCE and write "
-        "a model folder (safetensors, config, tokenizer, model card, modeling code) to OUTPUT. The default is the "
-        "paper's setting: 75% of heads active per token, 50% of heads shared, query-norm router.",
+        "a model folder (safetensors, config, tokenizer, model card, modeling code) to OUTPUT, calibrated so that it "
+        "keeps the source's quality without training: on --calibration-data, or by default on text the model writes "
+        "itself (no data needed). 75% of heads are active per token unless --active-heads/--active-ratio say "
+        "otherwise. --no-calibration writes the paper's parameter-free conversion (50% of heads shared, query-norm "
+        "router), which needs long training to recover.",
         epilog="examples:\n  moh convert HuggingFaceTB/SmolLM2-135M smollm2-moh\n"
+        "  moh convert ./smollm2 smollm2-moh --active-heads 6 --calibration-data valid.txt:0.5 default:0.5\n"
         "  moh convert ./llama-folder llama-moh --active-heads 24 --shared-heads 16 --dtype bfloat16\n"
         "  moh convert model.Q4_1.gguf model-moh --active-ratio 0.66",
         arguments=(positional("source", "SOURCE", "Hub model id, local checkpoint folder or .gguf file"),
