@@ -15,6 +15,7 @@ from .calibrate import CalibrationSettings, calibrate_folder, print_report
 # Without --calibration-data a converted model is calibrated on the default data mix (moh_convert.calibrate).
 DEFAULT_CALIBRATION_SOURCE = "default"
 from .calibrate.data import check_calibration_source
+from .calibrate.device import check_calibration_device
 from .errors import MoHError
 from .heads import first_heads_shared, resolve_head_counts
 from .model_card import write_model_card
@@ -74,6 +75,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
     calibration_data = None if opts.no_calibration else (opts.calibration_data or DEFAULT_CALIBRATION_SOURCE)
     if calibration_data is not None:
         check_calibration_source(calibration_data, opts.calibration_column)  # before GBs of weights are copied
+        check_calibration_device(opts.calibration_device)
     output = Path(output).expanduser().resolve()
     if opts.push_to_hub:
         from .hub import check_push_ready

@@ -19,7 +19,8 @@ layers below pass them on:
    weights replace the originals in their shards (same names, dtype and shape).
 7. The layer then runs as MoH, and its output feeds the next layer's calibration.
 Only one decoder layer's weights are in memory at a time (read from the safetensors shards), plus the embeddings,
-the final norm and the LM head, plus activations.
+the final norm and the LM head, plus activations. Layers and activations live on the calibration device (CUDA when
+available) in the calibration dtype (float32, or bfloat16); the fits always accumulate in float32/float64.
 
 Modules, in the order a run uses them:
 - settings: the options (CLI flags are generated from them) and shared constants;
@@ -28,6 +29,7 @@ Modules, in the order a run uses them:
 - chat_text: 'chat' text, replies the model writes in its own chat template to the shipped prompts.jsonl;
 - layers: running the model one decoder layer at a time (recorded layer inputs, head outputs, held-out loss);
 - fits: the per-layer fits as tensor functions (importance, shared heads, ridge router, fallbacks, o_proj refit);
+- device: `--calibration-device` / `--calibration-dtype` (checked up front), placing modules on the device;
 - memory: glibc malloc tuning between layers;
 - run: `calibrate_folder`, the loop over layers and the files it writes;
 - report: calibration_report.json, the model card section, the printed summary;

@@ -9,6 +9,7 @@ from ..model_folder import StagedFolder, link_or_copy, read_json_object
 from ..options import validate_options
 from ..sources import check_source
 from .data import check_calibration_source
+from .device import check_calibration_device
 from .report import print_report
 from .run import calibrate_folder
 from .settings import REPORT_NAME, CalibrateOptions, CalibrationSettings
@@ -23,6 +24,7 @@ def calibrate(model: str | os.PathLike, **options) -> Path:
     model = Path(model).expanduser().resolve()
     check_calibratable(model)
     check_calibration_source(opts.calibration_data, opts.calibration_column)  # before the model is copied
+    check_calibration_device(opts.calibration_device)
     output = Path(opts.output).expanduser().resolve() if opts.output else model
     # In place (no --output) the staged copy replaces MODEL itself; --output must stay clear of MODEL.
     staging = StagedFolder(output, sources=[model], overwrite=opts.overwrite) if opts.output else \

@@ -24,13 +24,14 @@ PROMPTS_FILE = "prompts.jsonl"  # package data of moh_convert.calibrate
 PLAIN_PROMPT_END = "\n\n"  # without a chat template, a prompt is plain text followed by a blank line
 
 
-def load_dense_model(model_folder: Path):
-    """The dense source model of a MoH folder (its text_config with the source class: same weights, no routing)."""
+def load_dense_model(model_folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The dense source model of a MoH folder (its text_config with the source class: same weights, no routing), on
+    `device` in `dtype` (generation runs on the calibration device when that is CUDA)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = MoHConfig.from_pretrained(model_folder)
     source_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
-    return source_class.from_pretrained(model_folder, config=config.text_config, dtype=torch.float32).eval()
+    return source_class.from_pretrained(model_folder, config=config.text_config, dtype=dtype).to(device).eval()
 
 
 def load_prompts() -> list[dict]:
@@ -76,14 +77,15 @@ class ChatText:
 @torch.no_grad()
 def sample_chat_text(
     model_folder: Path, tokenizer, calibration_tokens: int, heldout_tokens: int, seq_len: int, seed: int,
-    batch_size: int = 64,
+    batch_size: int = 64, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
 ) -> ChatText:
     """Dialogues of the dense source model with at least `calibration_tokens` / `heldout_tokens` tokens, the
-    held-out ones on prompts of their own. Sampling is seeded with `seed`."""
+    held-out ones on prompts of their own. Sampling is seeded with `seed`; the model runs on `device` in `dtype`,
+    the token streams come back on the CPU."""
     all_prompts = [item["prompt"] for item in load_prompts()]
     calibration_prompts, heldout_prompts = split_prompts(
         all_prompts, seed, math.ceil(calibration_tokens / seq_len), math.ceil(heldout_tokens / seq_len))
-    model = load_dense_model(model_folder)
+    model = load_dense_model(model_folder, device, dtype)
     writer = DialogueWriter(model, tokenizer, batch_size)
     torch.manual_seed(seed)
     with tqdm(total=calibration_tokens + heldout_tokens, desc="Writing chat calibration text", unit="tok") as progress:
@@ -138,11 +140,12 @@ class DialogueWriter:
         """Token ids of each prompt's dialogue: templated prompt + sampled reply + end-of-turn token."""
         encoded = self.left_padded([self.prompt_text(prompt) for prompt in prompts])
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        device = self.model.device
         output = self.model.generate(
-            input_ids, attention_mask=attention_mask, do_sample=True, temperature=CHAT_SAMPLING_TEMPERATURE,
-            top_p=CHAT_SAMPLING_TOP_P, max_new_tokens=CHAT_MAX_NEW_TOKENS, eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-        )
+            input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
+            temperature=CHAT_SAMPLING_TEMPERATURE, top_p=CHAT_SAMPLING_TOP_P, max_new_tokens=CHAT_MAX_NEW_TOKENS,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+        ).cpu()
         replies = output[:, input_ids.shape[1]:]
         stops = torch.isin(replies, torch.tensor(self.stop_ids))
         dialogues = []

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..errors import MoHError
 from ..text_sources import check_text_file, dataset_pieces, file_pieces, join_documents, open_dataset
 from .chat_text import load_dense_model, load_prompts, sample_chat_text
+from .device import generation_placement
 from .settings import (
     COLUMN_OPTION, GENERATED_SOURCES, SELF_SAMPLING_TEMPERATURE, SELF_SAMPLING_TOP_P, CalibrationSettings, SourceEntry,
     parse_calibration_data,
@@ -106,15 +107,17 @@ def load_source_windows(
     if num_calibration + num_heldout == 0:
         return SourceWindows(entry, empty, empty)
     batch_size = 16 * settings.calibration_batch_size
+    if source in GENERATED_SOURCES:
+        device, dtype = generation_placement(settings.calibration_device, settings.calibration_dtype)
     if source == "chat":
         chat = sample_chat_text(model_folder, tokenizer, num_calibration * seq_len, num_heldout * seq_len, seq_len,
-                                settings.seed, batch_size=batch_size)
+                                settings.seed, batch_size=batch_size, device=device, dtype=dtype)
         calibration = chat.calibration[: num_calibration * seq_len].view(num_calibration, seq_len)
         heldout = chat.heldout[: num_heldout * seq_len].view(num_heldout, seq_len)
         return SourceWindows(entry, calibration, heldout, chat.record(len(load_prompts())))
     if source == "self":
         token_ids = sample_own_text(model_folder, tokenizer, (num_calibration + num_heldout) * seq_len, seq_len,
-                                    settings.seed, batch_size=batch_size)
+                                    settings.seed, batch_size=batch_size, device=device, dtype=dtype)
     else:
         needed_tokens = (num_calibration + num_heldout + 1) * seq_len  # one spare window: the cut may split a word
         token_ids = tokenize_enough(read_calibration_text(settings, needed_tokens * CHARS_PER_TOKEN, source), tokenizer,
@@ -208,24 +211,26 @@ def read_hub_dataset_text(settings: CalibrationSettings, needed_chars: int, name
 
 @torch.no_grad()
 def sample_own_text(
-    model_folder: Path, tokenizer, num_tokens: int, seq_len: int, seed: int, batch_size: int = 64
+    model_folder: Path, tokenizer, num_tokens: int, seq_len: int, seed: int, batch_size: int = 64,
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Data-free calibration: sample windows of text from the dense source model (same weights, no routing).
+    """Data-free calibration: sample windows of text from the dense source model (same weights, no routing), run
+    on `device` in `dtype`; the tokens come back on the CPU.
 
     Decoding is one token per step for the whole batch, so the fewer, larger batches the faster: every window is
     sampled in one batch when it fits in `batch_size`."""
-    model = load_dense_model(model_folder)
+    model = load_dense_model(model_folder, device, dtype)
     torch.manual_seed(seed)
     start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     num_sequences = math.ceil(num_tokens / seq_len)
     samples = []
     for start in tqdm(range(0, num_sequences, batch_size), desc="Sampling calibration text"):
-        prompts = torch.full((min(batch_size, num_sequences - start), 1), start_token, dtype=torch.long)
+        prompts = torch.full((min(batch_size, num_sequences - start), 1), start_token, dtype=torch.long, device=model.device)
         tokens = model.generate(
             prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_p=SELF_SAMPLING_TOP_P,
             temperature=SELF_SAMPLING_TEMPERATURE,
             max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=tokenizer.eos_token_id,
         )
-        samples.append(tokens[:, :seq_len])
+        samples.append(tokens[:, :seq_len].cpu())
     del model
     return torch.cat(samples)[:num_sequences].reshape(-1)

@@ -2,7 +2,10 @@
 of shared heads, the ridge router, the skipped heads' fallback outputs and the refitted output projection.
 
 Shapes: inputs X [tokens, hidden] (the attention input), outputs [tokens, heads*head_dim] (o_proj's input, each
-head's output h_i side by side), o_proj weight W_O [hidden, heads*head_dim]."""
+head's output h_i side by side), o_proj weight W_O [hidden, heads*head_dim].
+
+Device and precision: every fit runs on the device of its inputs (the calibration device) and works in float32
+(normal matrices in float64), whatever dtype the layers ran in: inputs are cast to float32 on the way in."""
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +44,7 @@ def fit_routing(
     head_fallback: Literal["zero", "mean"], fixed_shared: int | None,
 ) -> LayerRouting:
     """Steps 2 to 5 of the method (see the package docstring): importance, shared heads, router, fallbacks."""
+    inputs, outputs, o_proj_weight = inputs.float(), outputs.float(), o_proj_weight.float()
     head_means = outputs.view(outputs.shape[0], num_heads, -1).mean(0)
     if head_fallback == "zero":  # importance is then the plain output norm ||h_i W_O^i||
         head_means = torch.zeros_like(head_means)
@@ -116,11 +120,12 @@ def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active
         routed = [head for head in range(num_heads) if head not in shared]
         top_k = active - count
         if top_k == 0 or not routed:
-            weight, bias = torch.zeros(len(routed), inputs.shape[1]), torch.zeros(len(routed))
+            weight = torch.zeros(len(routed), inputs.shape[1], device=inputs.device)
+            bias = torch.zeros(len(routed), device=inputs.device)
         else:
             targets = importance[:, routed].clamp_min(1e-6).log()
             weight, bias = fit_part.fit(targets[: fit_part.inputs.shape[0]])
-        skipped = torch.ones(deviation_check.shape[0], num_heads)
+        skipped = torch.ones(deviation_check.shape[0], num_heads, device=inputs.device)
         skipped[:, shared] = 0.0
         if top_k:
             picks = top_k_mask(inputs[num_fit:] @ weight.T + bias, top_k)
@@ -143,7 +148,7 @@ class RidgeRouterFit:
 
     def __init__(self, inputs: torch.Tensor):
         self.inputs = inputs
-        gram = torch.zeros(inputs.shape[1] + 1, inputs.shape[1] + 1, dtype=torch.float64)
+        gram = torch.zeros(inputs.shape[1] + 1, inputs.shape[1] + 1, dtype=torch.float64, device=inputs.device)
         for features in self._feature_chunks():
             gram.addmm_(features.T, features)
         ridge = RIDGE * gram.diagonal()[:-1].mean()
@@ -152,11 +157,11 @@ class RidgeRouterFit:
 
     def _feature_chunks(self):
         for chunk in self.inputs.split(1024):
-            yield torch.cat([chunk, torch.ones(chunk.shape[0], 1)], dim=1).double()
+            yield torch.cat([chunk.float(), chunk.new_ones(chunk.shape[0], 1, dtype=torch.float32)], dim=1).double()
 
     def fit(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (W [outputs, hidden], b [outputs])."""
-        right_side = torch.zeros(self.factor.shape[0], targets.shape[1], dtype=torch.float64)
+        right_side = torch.zeros(self.factor.shape[0], targets.shape[1], dtype=torch.float64, device=self.factor.device)
         for features, target_chunk in zip(self._feature_chunks(), targets.split(1024)):
             right_side.addmm_(features.T, target_chunk.double())
         solution = torch.cholesky_solve(right_side, self.factor)  # [hidden + 1, outputs]
@@ -179,7 +184,7 @@ def routed_head_outputs(outputs: torch.Tensor, num_heads: int, routing: LayerRou
     """o_proj's input [tokens, heads*head_dim] as the calibrated layer sees it: kept heads' outputs, fallbacks for
     skipped ones."""
     per_head = outputs.view(outputs.shape[0], num_heads, -1)
-    gates = torch.ones(per_head.shape[0], num_heads)
+    gates = torch.ones(per_head.shape[0], num_heads, device=outputs.device)
     gates[:, routing.split.routed] = routing.router_pick
     return (per_head * gates.unsqueeze(-1) + (1.0 - gates).unsqueeze(-1) * routing.fallback).flatten(1)
 
@@ -190,14 +195,15 @@ def refit_output_projection(seen: torch.Tensor, dense: torch.Tensor, weight: tor
 
     Normal equations (S^T S + r I) W'^T = S^T (D W^T) + r W^T in float64, solved through a Cholesky factor (the
     ridge makes the system positive definite). The right side is accumulated from the dense outputs D W^T chunk by
-    chunk and the system is solved in place, so two width x width float64 matrices exist at a time."""
-    gram = torch.zeros(seen.shape[1], seen.shape[1], dtype=torch.float64)
-    right_side = torch.zeros(seen.shape[1], weight.shape[0], dtype=torch.float64)
+    chunk and the system is solved in place, so two width x width float64 matrices exist at a time. Runs on the
+    device of `seen`; the result is in `weight`'s dtype."""
+    gram = torch.zeros(seen.shape[1], seen.shape[1], dtype=torch.float64, device=seen.device)
+    right_side = torch.zeros(seen.shape[1], weight.shape[0], dtype=torch.float64, device=seen.device)
     for seen_chunk, dense_chunk in zip(seen.split(512), dense.split(512)):
         seen_chunk = seen_chunk.double()
         gram.addmm_(seen_chunk.T, seen_chunk)
         # D W^T is the dense layer's own o_proj output: computed in the weight's precision, as the model does.
-        right_side.addmm_(seen_chunk.T, (dense_chunk @ weight.float().T).double())
+        right_side.addmm_(seen_chunk.T, (dense_chunk.float() @ weight.float().T).double())
     strength = (ridge * gram.diagonal().mean()).item()
     right_side.add_(weight.T, alpha=strength)
     gram.diagonal().add_(strength)

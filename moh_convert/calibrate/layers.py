@@ -22,10 +22,12 @@ class LayerInputRecorder(torch.nn.Module):
         return hidden_states
 
 
-def record_layer_inputs(decoder, token_batches) -> tuple[list[list[dict]], list[torch.Tensor]]:
+def record_layer_inputs(
+    decoder, token_batches, dtype: torch.dtype = torch.float32
+) -> tuple[list[list[dict]], list[torch.Tensor]]:
     """Run the decoder's own forward on each batch of tokens with recorders in place of its layers. Returns every
-    layer's keyword arguments [layer][batch] and the first layer's hidden states [batch] (in float32); only the
-    modules around the layers (embeddings, rotary embedding, final norm) need weights."""
+    layer's keyword arguments [layer][batch] and the first layer's hidden states [batch] (in `dtype`, on the
+    tokens' device); only the modules around the layers (embeddings, rotary embedding, final norm) need weights."""
     real_layers = list(decoder.layers)
     records_per_layer = [[] for _ in real_layers]
     decoder.layers = torch.nn.ModuleList(
@@ -37,7 +39,7 @@ def record_layer_inputs(decoder, token_batches) -> tuple[list[list[dict]], list[
     finally:
         decoder.layers = torch.nn.ModuleList(real_layers)
     kwargs_per_layer = [[kwargs for _, kwargs in records] for records in records_per_layer]
-    return kwargs_per_layer, [hidden_states.float() for hidden_states, _ in records_per_layer[0]]
+    return kwargs_per_layer, [hidden_states.to(dtype) for hidden_states, _ in records_per_layer[0]]
 
 
 class _StopLayer(Exception):
@@ -84,19 +86,21 @@ def stream_loss(
 
     Memory: the LM head (vocabulary x hidden, the largest matrix of a small model) stays in its stored dtype and is
     cast to float32 one slice of the vocabulary at a time; the loss is accumulated with a running log-sum-exp, so
-    the numbers are those of a float32 head without ever holding one (or a whole vocabulary of logits)."""
+    the numbers are those of a float32 head without ever holding one (or a whole vocabulary of logits).
+    Computed on the device of the hidden states (the head slices are moved there); `per_window` losses on the CPU."""
     softcap = getattr(text_config, "final_logit_softcapping", None)
     logits_scaling = getattr(text_config, "logits_scaling", None)
     states = [final_norm(hidden_states).float()[:, :-1] for hidden_states in hidden_batches]
-    targets = [tokens[:, 1:] for tokens in token_batches]
-    log_normalisers = [torch.full(target.shape, -math.inf) for target in targets]
-    target_logits = [torch.zeros(target.shape) for target in targets]
+    device = states[0].device if states else torch.device("cpu")
+    targets = [tokens[:, 1:].to(device) for tokens in token_batches]
+    log_normalisers = [torch.full(target.shape, -math.inf, device=device) for target in targets]
+    target_logits = [torch.zeros(target.shape, device=device) for target in targets]
     for start in range(0, head_weight.shape[0], LM_HEAD_SLICE):
-        weight_slice = head_weight[start : start + LM_HEAD_SLICE].float()
+        weight_slice = head_weight[start : start + LM_HEAD_SLICE].to(device).float()
         for state, target, log_normaliser, target_logit in zip(states, targets, log_normalisers, target_logits):
             logits = state @ weight_slice.T  # [batch, seq - 1, slice]
             if head_bias is not None:
-                logits = logits + head_bias[start : start + weight_slice.shape[0]]
+                logits = logits + head_bias[start : start + weight_slice.shape[0]].to(device)
             if logits_scaling:
                 logits = logits / logits_scaling
             if softcap:
@@ -109,5 +113,6 @@ def stream_loss(
     count = sum(target.numel() for target in targets)
     if not per_window:
         return total / max(count, 1)
-    window_losses = torch.cat([loss.double().mean(-1) for loss in losses]) if losses else torch.zeros(0, dtype=torch.float64)
+    window_losses = torch.cat([loss.double().mean(-1) for loss in losses]).cpu() if losses \
+        else torch.zeros(0, dtype=torch.float64)
     return total / max(count, 1), window_losses

@@ -55,13 +55,15 @@ def sampling_record(sources: list[dict], chat_sampling: dict | None) -> dict | N
 def build_report(
     settings: CalibrationSettings, config: MoHConfig, calibration_tokens: int, heldout_tokens: int,
     perplexity: dict[str, float], layers: list[LayerSummary], output_projection_refit: bool, started: float,
-    sources: list[dict] | None = None, chat_sampling: dict | None = None,
+    sources: list[dict] | None = None, chat_sampling: dict | None = None, device: str = "cpu", dtype: str = "float32",
+    peak_cuda_memory_mb: float | None = None,
 ) -> dict:
     """The calibration report; wall time counts from `started` (time.perf_counter()), peak RSS is the process's.
     `sources`: per source {source, weight, calibration_tokens, heldout_tokens, heldout_perplexity}; `chat_sampling`:
-    how 'chat' text was written (ChatText.record)."""
+    how 'chat' text was written (ChatText.record); `device` / `dtype`: where and in which dtype the layers ran
+    (e.g. 'cuda:0 (NVIDIA H100 80GB HBM3)', 'bfloat16'), with the peak CUDA memory when on CUDA."""
     sources = sources or []
-    return {
+    report = {
         "method": method_description(settings),
         "output_projection_refit": output_projection_refit,
         "calibration_data": settings.calibration_data,  # as given: a string, or the list of SOURCE[:WEIGHT] entries
@@ -70,6 +72,8 @@ def build_report(
         "heldout_tokens": heldout_tokens,
         "seq_len": settings.calibration_seq_len,
         "seed": settings.seed,
+        "device": device,
+        "dtype": dtype,
         "active_heads": [config.active_heads(i) for i in range(config.num_layers)],
         "num_heads": config.num_heads,
         "heldout_perplexity": perplexity,
@@ -79,6 +83,9 @@ def build_report(
         "sources": sources,
         "layers": [layer.as_dict() for layer in layers],
     }
+    if peak_cuda_memory_mb is not None:
+        report["peak_cuda_memory_mb"] = peak_cuda_memory_mb
+    return report
 
 
 def data_description(calibration_data: str | list[str]) -> str:
@@ -136,6 +143,8 @@ def print_report(report: dict) -> None:
             f"held-out perplexity: dense {ppl['dense']:.2f}, before {ppl['before']:.2f}, calibrated {ppl['after']:.2f} "
             f"({ppl['after'] / ppl['dense']:.3f}x dense); router agreement {report['mean_router_agreement']:.0%}; "
             f"{report['wall_time_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
+            + (f", peak CUDA memory {report['peak_cuda_memory_mb']:.0f} MB" if "peak_cuda_memory_mb" in report else "")
+            + (f" ({report['device']}, {report['dtype']})" if "device" in report else "")
         )
     sources = report.get("sources") or []
     if len(sources) > 1:

@@ -1,6 +1,10 @@
 """`calibrate_folder`: the calibration run over a MoH model folder, one decoder layer at a time, bottom to top
 (the method is in the package docstring). Only one decoder layer's weights are in memory at a time, plus the final
-norm (and the embeddings while the streams start, the LM head for the held-out perplexity at the end)."""
+norm (and the embeddings while the streams start, the LM head for the held-out perplexity at the end).
+
+Layers, streams of hidden states and fits live on the calibration device (`--calibration-device`), the layers and
+streams in the calibration dtype; router tensors, refitted o_proj weights and summary numbers come back to the CPU
+(in the stored dtype) before they are written."""
 import json
 import math
 import shutil
@@ -19,6 +23,7 @@ from ..model_folder import (
 from ..modeling.configuration_moh import MoHConfig
 from ..modeling.modeling_moh import MoHHeadRouting
 from .data import CalibrationMix, load_calibration_mix
+from .device import CALIBRATION_DTYPES, describe_device, peak_device_memory_mb, place, resolve_calibration_device
 from .fits import OUTPUT_RIDGE, fit_routing, refit_output_projection, routed_head_outputs
 from .layers import head_outputs_and_inputs, record_layer_inputs, run_layer, stream_loss
 from .memory import release_freed_memory, return_large_blocks_to_the_os
@@ -37,18 +42,24 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
 
     started = time.perf_counter()
     return_large_blocks_to_the_os()
+    device = resolve_calibration_device(settings.calibration_device)
+    compute_dtype = CALIBRATION_DTYPES[settings.calibration_dtype]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     config = MoHConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     mix = load_calibration_mix(settings, tokenizer, folder)
     calibration_windows, heldout_windows = mix.calibration, mix.heldout
-    source = SourceModel(folder, config.text_config)
-    streams = Streams.start(source.decoder, calibration_windows, heldout_windows, settings.calibration_batch_size)
+    source = SourceModel(folder, config.text_config, device, compute_dtype)
+    streams = Streams.start(source.decoder, calibration_windows, heldout_windows, settings.calibration_batch_size,
+                            device, compute_dtype)
     source.decoder.embed_tokens.to("meta")  # only needed to start the streams
     run = LayerwiseRun(
         settings=settings, config=config, calibrated=calibrated_config(config), source=source, streams=streams,
         fixed_shared=None if shared_heads == "auto" else shared_heads,
         refit=settings.refit_output_projection and refits_output_projection(mix),
-        refit_dir=folder / REFIT_DIR, dtype=weights_dtype(config.text_config),
+        refit_dir=folder / REFIT_DIR, dtype=weights_dtype(config.text_config), device=device,
+        compute_dtype=compute_dtype,
     )
     results = [calibrate_layer(run, layer_idx) for layer_idx in tqdm(range(config.num_layers), desc="Calibrating layers")]
     perplexity, per_source = heldout_perplexity(source, streams, config.text_config, mix) if streams.heldout_tokens \
@@ -58,17 +69,20 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
         [result.summary for result in results], any(result.output_projection is not None for result in results), started,
         sources=source_summaries(mix, per_source),
         chat_sampling=next((item.sampling for item in mix.sources if item.sampling is not None), None),
+        device=describe_device(device), dtype=settings.calibration_dtype, peak_cuda_memory_mb=peak_device_memory_mb(device),
     )
     write_calibrated_model(folder, run.calibrated, results, report)
     return report
 
 
 class SourceModel:
-    """The source model as a meta-device skeleton whose parts are materialised (in float32) from the folder's
-    shards when in use. Memory: the embeddings are only needed to start the streams and the LM head only for the
-    held-out perplexity at the end, so neither is in memory while the decoder layers are calibrated."""
+    """The source model as a meta-device skeleton whose parts are materialised from the folder's shards when in
+    use, then placed on the calibration device in the calibration dtype. Memory: the embeddings are only needed to
+    start the streams and the LM head only for the held-out perplexity at the end, so neither is in memory while the
+    decoder layers are calibrated."""
 
-    def __init__(self, folder: Path, text_config):
+    def __init__(self, folder: Path, text_config, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         source_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
@@ -78,14 +92,16 @@ class SourceModel:
         self.model.eval()
         self.weights = ShardedWeights(folder)
         self.decoder = self.model.model
+        self.device, self.dtype = device, dtype
         for name, child in self.decoder.named_children():
             if name != "layers":
                 self.weights.load_into(child, f"model.{name}", self.model._init_weights)
+                place(child, device, dtype)
 
     def load_layer(self, layer_idx: int) -> torch.nn.Module:
         layer = self.decoder.layers[layer_idx]
         self.weights.load_into(layer, f"model.layers.{layer_idx}", self.model._init_weights)
-        return layer
+        return place(layer, self.device, self.dtype)
 
     def lm_head(self, text_config) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight in its stored dtype, float32 bias or None); tied to the embeddings when the config says so or
@@ -110,10 +126,13 @@ class Streams:
     heldout_kwargs: list[list[dict]]
 
     @classmethod
-    def start(cls, decoder, calibration_windows, heldout_windows, batch_size: int) -> "Streams":
-        heldout_tokens = list(heldout_windows.split(batch_size)) if heldout_windows.numel() else []
-        calibration_kwargs, calibration = record_layer_inputs(decoder, list(calibration_windows.split(batch_size)))
-        heldout_kwargs, heldout = record_layer_inputs(decoder, heldout_tokens)
+    def start(cls, decoder, calibration_windows, heldout_windows, batch_size: int,
+              device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> "Streams":
+        """The streams on `device`, in `dtype`, from the decoder's embeddings (already placed there)."""
+        heldout_tokens = [batch.to(device) for batch in heldout_windows.split(batch_size)] if heldout_windows.numel() else []
+        calibration_batches = [batch.to(device) for batch in calibration_windows.split(batch_size)]
+        calibration_kwargs, calibration = record_layer_inputs(decoder, calibration_batches, dtype)
+        heldout_kwargs, heldout = record_layer_inputs(decoder, heldout_tokens, dtype)
         return cls(calibration, {"dense": heldout, "before": heldout, "after": heldout}, heldout_tokens,
                    calibration_kwargs, heldout_kwargs)
 
@@ -131,12 +150,14 @@ class LayerwiseRun:
     refit: bool  # refit o_proj
     refit_dir: Path
     dtype: torch.dtype  # of the stored weights
+    device: torch.device = torch.device("cpu")  # where layers, streams and fits are computed
+    compute_dtype: torch.dtype = torch.float32  # the layers' and streams' dtype during calibration
 
 
 @dataclass
 class LayerResult:
     summary: LayerSummary
-    router_state: dict[str, torch.Tensor]  # the layer's routing tensors by checkpoint name, in the weights' dtype
+    router_state: dict[str, torch.Tensor]  # the layer's routing tensors by checkpoint name, on the CPU in the weights' dtype
     output_projection: Path | None  # file holding the refitted o_proj weight; None when it is not refitted
 
 
@@ -163,7 +184,8 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     # Step 1: the dense layer's attention inputs and head outputs; steps 2-5: shared heads, router, fallbacks.
     inputs, outputs = head_outputs_and_inputs(layer, attention, streams.calibration, calibration_kwargs)
     active = config.active_heads(layer_idx)
-    routing = fit_routing(inputs, outputs, attention.o_proj.weight, config.num_heads, active,
+    o_proj_weight = attention.o_proj.weight.float()  # the fits work in float32 whatever the layer's dtype
+    routing = fit_routing(inputs, outputs, o_proj_weight, config.num_heads, active,
                           run.settings.head_fallback, run.fixed_shared)
     del inputs  # the router is fitted: free the inputs before the refit's matrices
     split = routing.split
@@ -171,23 +193,26 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     output_projection = None
     if run.refit and active < config.num_heads:  # step 6
         seen = routed_head_outputs(outputs, config.num_heads, routing)
-        refitted = refit_output_projection(seen, outputs, attention.o_proj.weight, OUTPUT_RIDGE)
+        refitted = refit_output_projection(seen, outputs, o_proj_weight, OUTPUT_RIDGE)
         del seen
         attention.o_proj.weight.copy_(refitted)
-        output_projection = save_output_projection(run.refit_dir, layer_idx, refitted.to(run.dtype))
-    del outputs
+        output_projection = save_output_projection(run.refit_dir, layer_idx, refitted.to(device="cpu", dtype=run.dtype))
+    del outputs, o_proj_weight
 
     # Step 7: the layer runs as MoH and feeds the next layer.
-    module = MoHHeadRouting.attach_to(attention, run.calibrated, layer_idx)
+    module = MoHHeadRouting.attach_to(attention, run.calibrated, layer_idx).to(run.device)
     module.router.routed_proj.weight.copy_(split.weight)
     module.router.routed_proj.bias.copy_(split.bias)
     module.head_fallback.copy_(routing.fallback)
+    # Saved from the float32 fit (not from the module in the calibration dtype), on the CPU in the stored dtype.
+    router_state = {
+        f"{routing_prefix(layer_idx)}.{name}": tensor.to(device="cpu", dtype=run.dtype).clone()
+        for name, tensor in module.state_dict().items()
+    }
+    place(module, run.device, run.compute_dtype)
     streams.calibration = run_layer(layer, streams.calibration, calibration_kwargs)
     if streams.heldout_tokens:
         streams.heldout["after"] = run_layer(layer, streams.heldout["after"], heldout_kwargs)
-    router_state = {
-        f"{routing_prefix(layer_idx)}.{name}": tensor.to(run.dtype).clone() for name, tensor in module.state_dict().items()
-    }
     module.detach()
     layer.to("meta")  # free this layer's weights before the next one is read
     release_freed_memory()
@@ -198,7 +223,7 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
 def run_as_converted(run: LayerwiseRun, layer, layer_idx: int, hidden_batches, kwargs_batches) -> list[torch.Tensor]:
     """The layer with the routing it was converted with (its stored router tensors, if it has any)."""
     config = run.config
-    routing = MoHHeadRouting.attach_to(layer.self_attn, config, layer_idx)
+    routing = place(MoHHeadRouting.attach_to(layer.self_attn, config, layer_idx), run.device, run.compute_dtype)
     if config.router == "learned" or config.head_fallback:
         prefix = routing_prefix(layer_idx)
         routing.load_state_dict({name: run.source.weights.get(f"{prefix}.{name}") for name in routing.state_dict()})
@@ -234,6 +259,8 @@ def heldout_perplexity(
     """Perplexity of the held-out text through the dense, converted and calibrated layers: over all windows, and
     per source (over its windows; a source without held-out windows gets {})."""
     head_weight, head_bias = source.lm_head(text_config)
+    # On the calibration device, in the stored dtype (cast to float32 a slice at a time).
+    head_weight, head_bias = head_weight.to(source.device), None if head_bias is None else head_bias.to(source.device)
     overall, per_source = {}, [{} for _ in mix.sources]
     for name, states in streams.heldout.items():
         loss, window_losses = stream_loss(source.decoder.norm, head_weight, head_bias, states, streams.heldout_tokens,

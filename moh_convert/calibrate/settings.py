@@ -59,6 +59,14 @@ class CalibrationSettings(BaseModel):
         "keeps make up for the ones it skips (halved the perplexity gap at 6 of 9 heads on SmolLM2). Not done when "
         "'self' is the only source, where it measured worse on real text."
     )
+    calibration_device: str = Field(
+        "auto", description="Where layers are computed during calibration: 'auto' = CUDA when available, else CPU; "
+        "or 'cpu', 'cuda', 'cuda:1', ... ('self'/'chat' text is generated there too when it is CUDA)."
+    )
+    calibration_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype the decoder layers run in during calibration (the fits always accumulate in "
+        "float32); bfloat16 halves activation memory and is the fast choice on GPUs."
+    )
 
     @field_validator("calibration_data")
     @classmethod
