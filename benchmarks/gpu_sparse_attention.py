@@ -103,6 +103,40 @@ def dense_kernels(query, key, value):
     return kernels
 
 
+# (BLOCK_M, BLOCK_N, warps, stages) tried for the routed kernel at head_dim 128; the first is the shipped default.
+TILE_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)]
+
+
+def tile_sweep(length, layer, device, dtype, repeats):
+    """Routed-part time of each tile configuration at one length (75% split); returns rows, best first."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    num_heads, num_kv_heads, head_dim = layer["num_heads"], layer["num_kv_heads"], layer["head_dim"]
+    query = torch.randn(1, length, num_heads, head_dim, device=device, dtype=dtype, generator=generator).transpose(1, 2)
+    key = torch.randn(1, num_kv_heads, length, head_dim, device=device, dtype=dtype, generator=generator)
+    value = torch.randn_like(key)
+    _, shared, top_k = SPLITS[0]
+    routing = routing_for(num_heads, num_kv_heads, head_dim, shared, top_k)
+    scores = torch.rand(1, length, num_heads - shared, device=device, generator=generator)
+    routed_mask = torch.zeros_like(scores).scatter_(-1, scores.topk(top_k, dim=-1).indices, 1.0)
+    output = query.new_zeros(1, length, num_heads, head_dim)
+    original = modeling_moh.triton_block_sizes
+    rows = []
+    try:
+        for config in TILE_CONFIGS:
+            modeling_moh.triton_block_sizes = lambda query, config=config: config
+            try:
+                seconds = time_call(lambda: modeling_moh.triton_routed_attention(
+                    routing, query, key, value, output, routed_mask, head_dim**-0.5), device, repeats)
+            except Exception as error:  # e.g. out of shared memory for this tile shape
+                print(f"tile config {config}: failed ({type(error).__name__}: {str(error)[:120]})")
+                continue
+            rows.append(dict(config=config, routed_ms=seconds * 1e3))
+            print(f"tile config {config}: routed part {seconds * 1e3:.3f} ms at {length} tokens", flush=True)
+    finally:
+        modeling_moh.triton_block_sizes = original
+    return sorted(rows, key=lambda row: row["routed_ms"])
+
+
 def kernel_rows(lengths, layer, device, dtype, repeats):
     rows = []
     generator = torch.Generator(device=device).manual_seed(0)
@@ -288,7 +322,7 @@ def machine(device) -> str:
     return "no GPU (dry run on CPU, Triton interpreter); " + ", ".join(parts)
 
 
-def markdown(command, machine_text, started, kernel, parameters, e2e, calibration) -> str:
+def markdown(command, machine_text, started, kernel, parameters, e2e, calibration, sweep) -> str:
     lines = [
         "## Head-sparse attention on a GPU (Triton kernel)", "",
         f"Command: `{command}` ({started}). Machine: {machine_text}.", "",
@@ -302,6 +336,11 @@ def markdown(command, machine_text, started, kernel, parameters, e2e, calibratio
     for row in kernel:
         lines.append(f"| {row['length']} | {row['active']} | {row['dense_kernel']} | {row['dense_ms']:.3f} | "
                      f"{row['moh_ms']:.3f} | {row['routed_ms']:.3f} | {row['ratio']:.3f} | {row['max_abs_error']:.1e} |")
+    if sweep:
+        lines += ["", f"Tile shapes of the routed kernel (BLOCK_M, BLOCK_N, warps, stages), routed part at "
+                  f"{max(row['length'] for row in kernel) if kernel else '-'} tokens, 75%: "
+                  + ", ".join(f"{row['config']} {row['routed_ms']:.3f} ms" for row in sweep)
+                  + f". The table above uses {sweep[0]['config']}."]
     lines += [
         "", f"### End to end: random LLaMA-3.2-1B-shaped model ({parameters / 1e9:.2f}B parameters, bfloat16), MoH at "
         "24/32 heads (16 shared + top-8 of 16, learned router)", "",
@@ -379,6 +418,14 @@ def main():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    sweep = []
+    if device.type == "cuda":
+        sweep = attempt("tile sweep", lambda: tile_sweep(max(lengths), layer, device, dtype, repeats), [])
+        if sweep and sweep[0]["config"] != TILE_CONFIGS[0]:
+            # The rest of the run uses the fastest tile shape for head_dim 128 (reported below).
+            default_sizes = modeling_moh.triton_block_sizes
+            best = sweep[0]["config"]
+            modeling_moh.triton_block_sizes = lambda query: best if query.shape[-1] == 128 else default_sizes(query)
     kernel = attempt("kernel", lambda: kernel_rows(lengths, layer, device, dtype, repeats), [])
     parameters, e2e = attempt("end to end", lambda: end_to_end_rows(
         shape, e2e_lengths, decode_prompt, decode_tokens, device, dtype, rounds), (0, []))
@@ -390,14 +437,15 @@ def main():
         with tempfile.TemporaryDirectory(dir=args.work) as work:
             calibration = attempt("calibration", lambda: calibration_row(
                 calibration_shape, Path(work), device, calibration_dtype, calibration_tokens), None)
-    results = dict(machine=machine_text, command=command, started=started, kernel=kernel, parameters=parameters,
+    results = dict(machine=machine_text, command=command, started=started, tile_sweep=sweep, kernel=kernel,
+                   parameters=parameters,
                    end_to_end=e2e, calibration=calibration)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if failures:
         print(f"\nFailed: {', '.join(failures)} (tracebacks above); BENCHMARKS.md not written.")
         sys.exit(1)
-    body = markdown(command, machine_text, started, kernel, parameters, e2e, calibration)
+    body = markdown(command, machine_text, started, kernel, parameters, e2e, calibration, sweep)
     print("\n" + body)
     if not args.dry_run:
         common.write_markdown_section(REPO_ROOT / "BENCHMARKS.md", MARKERS, body)

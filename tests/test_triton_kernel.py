@@ -76,6 +76,7 @@ TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(ato
         (1, 4, 1, 33, 24, [0], 2),  # one key/value head (MQA); head_dim 24 is padded to the kernel's 32
         (1, 4, 4, 16, 16, [], 2),  # no shared heads, MHA, exactly one 16-token tile
         (1, 4, 4, 17, 16, [2], 3),  # all routed heads selected: one row past a tile's end
+        (1, 8, 2, 29, 16, [0, 1, 2, 3], 2),  # the shared heads are a whole GQA group (no per-head key copies)
     ],
 )
 def test_kernel_matches_gated_causal_attention(batch, num_heads, num_kv_heads, seq, head_dim, shared_heads, top_k, dtype):
@@ -87,6 +88,25 @@ def test_kernel_matches_gated_causal_attention(batch, num_heads, num_kv_heads, s
     )
     assert output.dtype == dtype and output.shape == (batch, seq, num_heads, head_dim)
     torch.testing.assert_close(output.float(), gated_reference(layout, query, key, value, routed_mask), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_cpu_rows_path_with_whole_shared_groups(softcap):
+    """The CPU path shares the shared-head layout: whole GQA groups use the kernel's broadcast (and the soft-capping
+    branch repeats key/value heads itself)."""
+    layout, query, key, value, routed_mask = random_case(1, 8, 2, 23, 16, [4, 5, 6, 7], 2, torch.float32, seed=3)
+    output = modeling_moh.head_sparse_attention(layout, query, key, value, None, 0.25, softcap, routed_mask, "rows")
+    if softcap is None:
+        expected = gated_reference(layout, query, key, value, routed_mask)
+    else:
+        scores = torch.matmul(query, key.repeat_interleave(4, 1).transpose(2, 3)) * 0.25
+        scores = (torch.tanh(scores / softcap) * softcap).masked_fill(torch.ones(23, 23, dtype=torch.bool).triu(1), -torch.inf)
+        dense = torch.matmul(scores.softmax(-1), value.repeat_interleave(4, 1)).transpose(1, 2)
+        gates = torch.zeros(dense.shape[:3])
+        gates[:, :, layout.shared_heads] = 1.0
+        gates[:, :, layout.routed_heads] = routed_mask
+        expected = dense * gates.unsqueeze(-1)
+    torch.testing.assert_close(output, expected, atol=2e-5, rtol=1e-5)
 
 
 def test_rows_at_tile_edges():
@@ -104,18 +124,24 @@ def test_rows_at_tile_edges():
 def test_packed_layout_tiles_cover_each_group_without_crossing():
     layout, *_, routed_mask = random_case(3, 8, 2, 45, 16, [0, 5], 3, torch.float32, seed=1)
     row_token, row_head, tile_group, tile_start, tile_end = modeling_moh.routed_rows_layout(layout, routed_mask, 2, 16)
+    # Sized for every routed pair selected (no device sync): the selected rows first, then padding.
     total = int(routed_mask.sum())
-    assert row_token.numel() == total
+    assert row_token.numel() == routed_mask.numel() > total
+    row_token, row_head = row_token[:total], row_head[:total]
     group_of_row = torch.empty(total, dtype=torch.long)
     covered = torch.zeros(total, dtype=torch.long)
     last_tokens = []
     for group, start, end in zip(tile_group.tolist(), tile_start.tolist(), tile_end.tolist()):
+        if start == end:  # empty tiles of the static launch size
+            continue
         assert 0 < end - start <= 16
         last_tokens.append(row_token[end - 1].item())
         group_of_row[start:end] = group
         covered[start:end] += 1
     assert torch.equal(covered, torch.ones_like(covered))  # every row in exactly one tile
     assert last_tokens == sorted(last_tokens, reverse=True)  # longest tiles launch first
+    assert (tile_start == tile_end).sum() == tile_group.numel() - len(last_tokens)
+    assert torch.all((tile_start == tile_end)[len(last_tokens):])  # empty tiles at the end
     for group in range(6):
         rows = (group_of_row == group).nonzero().flatten()
         batch_row, kv_head = divmod(group, 2)

@@ -315,14 +315,19 @@ class MoHHeadRouting(nn.Module):
         )
 
     def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[tuple | None, list]:
-        """Shared heads as (query heads, their key/value heads) or None; routed heads as [(kv_head, positions among
+        """Shared heads as (query heads, their key/value heads: one per query head, or each once when the shared
+        heads are whole GQA groups) or None; routed heads as [(kv_head, positions among
         routed, query heads)]: routed query heads that read the same key/value head (GQA) are computed together."""
         key = ("kv-layout", group_size, device)
         if key not in self._index_cache:
             shared_heads = sorted(self.shared_heads)
+            kv_of_shared = [head // group_size for head in shared_heads]
+            if shared_heads and all(kv_of_shared.count(kv) == group_size for kv in kv_of_shared):
+                # Whole GQA groups are shared (e.g. the paper's first half of the heads): each key/value head once,
+                # and the kernel's own GQA broadcast, instead of a copy per query head.
+                kv_of_shared = sorted(set(kv_of_shared))
             shared = (
-                torch.tensor(shared_heads, device=device),
-                torch.tensor([head // group_size for head in shared_heads], device=device),
+                torch.tensor(shared_heads, device=device), torch.tensor(kv_of_shared, device=device),
             ) if shared_heads else None
             routed = []
             for kv_head in range(self.num_heads // group_size):
@@ -353,8 +358,10 @@ class MoHHeadRouting(nn.Module):
         gated heads, so this path runs without the masked path's o_proj hook. Routes first and computes only the
         selected (token, head) pairs where that is possible and cheaper; elsewhere (decoding, training, ...) the
         source kernel computes every head and the gates are applied to its output."""
-        kernel = sparse_kernel_for(query, attention_mask, kwargs.get("softcap"), self.sparse_kernel)
-        if kernel == "dense" or not self.can_skip_heads(query, dropout, kwargs):
+        # can_skip_heads first: it is what decoding (every generated token, every layer) stops at.
+        skip = self.can_skip_heads(query, dropout, kwargs)
+        kernel = sparse_kernel_for(query, attention_mask, kwargs.get("softcap"), self.sparse_kernel) if skip else "dense"
+        if kernel == "dense":
             output, weights = base_attention_function(module)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
@@ -493,6 +500,9 @@ def attend(query, key, value, mask, is_causal, scaling, softcap):
             query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=query.shape[1] > 1
         )
     # Logit soft-capping (gemma2) has no SDPA kernel: the eager computation, as the family's own eager function.
+    if key.shape[1] not in (1, query.shape[1]):  # GQA groups (shared heads that are whole groups)
+        repeats = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeats, 1), value.repeat_interleave(repeats, 1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     scores = torch.tanh(scores / softcap) * softcap
     min_value = torch.finfo(scores.dtype).min
@@ -625,15 +635,19 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
 # needed (a CUDA tensor, or a test running Triton's interpreter with TRITON_INTERPRET=1 on CPU tensors), so this
 # file still loads with torch and transformers alone.
 SPARSE_KERNELS = ("auto", "triton", "rows")
-_TRITON_KERNELS: dict = {}  # interpret mode (bool) -> the jitted kernel; the interpreter is chosen when defined
+_TRITON_KERNELS: dict = {}  # interpret mode (bool) -> the jitted kernel (the interpreter is chosen when defined);
+# "available" -> whether triton imports
 
 
 def triton_is_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if "available" not in _TRITON_KERNELS:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_KERNELS["available"] = False
+        else:
+            _TRITON_KERNELS["available"] = True
+    return _TRITON_KERNELS["available"]
 
 
 def sparse_kernel_for(query: torch.Tensor, attention_mask, softcap, requested: str = "auto") -> str:
@@ -665,24 +679,27 @@ def _routed_rows_kernel():
 
     @triton.jit
     def attend_key_tile(
-        acc, row_max, row_sum, q, k_base, v_base, stride_kt, stride_vt, n0, last, tokens, dims, dim_ok, scale_log2,
+        acc, row_max, row_sum, q, k_ptrs, v_ptrs, n0, last, tokens, dim_ok, scale_log2,
         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # One key tile [n0, n0 + BLOCK_N) folded into the rows' online softmax (FlashAttention-2).
+        # One key tile [n0, n0 + BLOCK_N) folded into the rows' online softmax (FlashAttention-2). k_ptrs [d, n] and
+        # v_ptrs [n, d] already point at this tile.
         keys = n0 + tl.arange(0, BLOCK_N)
         if CAUSAL:
-            # Keys past the tile's last token are read at a clamped (valid) address and masked out below.
-            keys64 = tl.minimum(keys, last).to(tl.int64)
+            key_ok = keys <= last  # the tile may reach past the last row's token, even past the last key
+            if EVEN_DIM:
+                k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
         else:
-            keys64 = keys.to(tl.int64)
-        k_ptrs = k_base + keys64[None, :] * stride_kt + dims[:, None]
-        v_ptrs = v_base + keys64[:, None] * stride_vt + dims[None, :]
-        if EVEN_DIM:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=dim_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=dim_ok[None, :], other=0.0)
+            if EVEN_DIM:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=dim_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=dim_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter's tl.dot mishandles bfloat16 (Triton 3.9): compute in float32 there
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -734,10 +751,15 @@ def _routed_rows_kernel():
         q = tl.load(q_ptrs, mask=live[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        first = tl.load(RowToken + start)  # rows are sorted by token
-        last = tl.load(RowToken + end - 1)
-        k_base = K + batch_row * stride_kb + kv_head * stride_kh
-        v_base = V + batch_row * stride_vb + kv_head * stride_vh
+        # Rows are sorted by token. An empty tile (the launch covers the most tiles any routing could need) reads
+        # nothing: both loops below run zero times and the store is fully masked.
+        nonempty = start < end
+        first = tl.load(RowToken + start, mask=nonempty, other=0)
+        last = tl.load(RowToken + end - 1, mask=nonempty, other=-1)
+        offs_n = tl.arange(0, BLOCK_N)
+        # Pointers of the first key tile, moved on by one tile per step (no per-element address arithmetic).
+        k_ptrs = K + batch_row * stride_kb + kv_head * stride_kh + offs_n[None, :] * stride_kt + dims[:, None]
+        v_ptrs = V + batch_row * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vt + dims[None, :]
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -745,17 +767,21 @@ def _routed_rows_kernel():
         visible_to_all = (first + 1) // BLOCK_N * BLOCK_N
         for n0 in range(0, visible_to_all, BLOCK_N):
             acc, row_max, row_sum = _triton_attend_key_tile(
-                acc, row_max, row_sum, q, k_base, v_base, stride_kt, stride_vt, n0, last, tokens, dims, dim_ok,
-                scale_log2, BLOCK_N, False, EVEN_DIM, IEEE, UPCAST,
+                acc, row_max, row_sum, q, k_ptrs, v_ptrs, n0, last, tokens, dim_ok, scale_log2,
+                BLOCK_N, False, EVEN_DIM, IEEE, UPCAST,
             )
+            k_ptrs += BLOCK_N * stride_kt
+            v_ptrs += BLOCK_N * stride_vt
         # Stage 2: the key tiles up to the tile's last token, with the causal test per (row, key). Key tiles after
         # the last token are never read.
         for n0 in range(visible_to_all, last + 1, BLOCK_N):
             acc, row_max, row_sum = _triton_attend_key_tile(
-                acc, row_max, row_sum, q, k_base, v_base, stride_kt, stride_vt, n0, last, tokens, dims, dim_ok,
-                scale_log2, BLOCK_N, True, EVEN_DIM, IEEE, UPCAST,
+                acc, row_max, row_sum, q, k_ptrs, v_ptrs, n0, last, tokens, dim_ok, scale_log2,
+                BLOCK_N, True, EVEN_DIM, IEEE, UPCAST,
             )
-        out = acc / row_sum[:, None]
+            k_ptrs += BLOCK_N * stride_kt
+            v_ptrs += BLOCK_N * stride_vt
+        out = acc / tl.where(live, row_sum, 1.0)[:, None]  # rows past the tile's end have seen no key
         o_ptrs = Out + batch_row * stride_ob + tokens[:, None].to(tl.int64) * stride_ot \
             + heads[:, None].to(tl.int64) * stride_oh + dims[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=live[:, None] & dim_ok[None, :])
@@ -779,30 +805,39 @@ def triton_block_sizes(query: torch.Tensor) -> tuple[int, int, int, int]:
 
 def routed_rows_layout(routing, routed_mask: torch.Tensor, num_kv_heads: int, block_m: int):
     """The packed rows of the routed (token, head) pairs selected in routed_mask [b, q, routed]: grouped by (batch
-    row, key/value head), sorted by token within a group, as (row_token, row_head) int32 [rows], and the tiles of at
-    most block_m rows that never cross a group, as (tile_group, tile_start, tile_end) int32 [tiles], the tiles
-    with the latest last token first."""
-    batch = routed_mask.shape[0]
-    slot_columns, slot_heads = routing.routed_slots(num_kv_heads, routed_mask.device)
+    row, key/value head), sorted by token within a group, as (row_token, row_head) int32 [max rows], and tiles of at
+    most block_m rows that never cross a group, as (tile_group, tile_start, tile_end) int32 [max tiles], the tiles
+    with the latest last token first. Sizes are upper bounds known without reading the mask (every routed pair
+    selected), so on a GPU nothing here waits for the device; rows past the selected ones are padding that no tile
+    covers, and tiles past the real ones are empty (start == end)."""
+    batch, q_len, num_routed = routed_mask.shape
+    device = routed_mask.device
+    slot_columns, slot_heads = routing.routed_slots(num_kv_heads, device)
     # [b, q, kv, slots] -> [b, kv, q, slots]: nonzero lists the pairs in exactly the packed order.
     selected = F.pad(routed_mask.bool(), (0, 1))[:, :, slot_columns].permute(0, 2, 1, 3)
-    pairs = selected.nonzero()
+    max_rows = batch * q_len * num_routed
+    try:
+        pairs = torch.nonzero_static(selected, size=max_rows)  # padded with -1 rows at the end
+    except (NotImplementedError, RuntimeError):  # a build without it for this device: the same rows, one sync
+        pairs = selected.nonzero()
+        pairs = torch.cat([pairs, pairs.new_full((max_rows - pairs.shape[0], 4), -1)])
     row_token = pairs[:, 2].to(torch.int32)
     row_head = slot_heads[pairs[:, 1], pairs[:, 3]].to(torch.int32)
-    group = pairs[:, 0] * num_kv_heads + pairs[:, 1]
-    counts = torch.bincount(group, minlength=batch * num_kv_heads)
+    counts = selected.sum(dim=(2, 3)).flatten()  # rows per (batch row, key/value head) group
     tiles_per_group = (counts + block_m - 1) // block_m
     tiles_end = tiles_per_group.cumsum(0)
-    num_tiles = int(tiles_end[-1]) if tiles_end.numel() else 0
-    tile = torch.arange(num_tiles, device=routed_mask.device)
-    tile_group = torch.searchsorted(tiles_end, tile, right=True)
+    max_tiles = max_rows // block_m + counts.numel()  # >= the sum of ceil(count / block_m)
+    tile = torch.arange(max_tiles, device=device)
+    tile_group = torch.searchsorted(tiles_end, tile, right=True).clamp_(max=counts.numel() - 1)
     group_end = counts.cumsum(0)
-    group_start = group_end - counts
-    tile_start = group_start[tile_group] + (tile - (tiles_end - tiles_per_group)[tile_group]) * block_m
-    tile_end = torch.minimum(tile_start + block_m, group_end[tile_group])
+    tile_start = (group_end - counts)[tile_group] + (tile - (tiles_end - tiles_per_group)[tile_group]) * block_m
+    real = tile < tiles_end[-1]
+    tile_start = torch.where(real, tile_start, 0)
+    tile_end = torch.where(real, torch.minimum(tile_start + block_m, group_end[tile_group]), 0)
     # Longest first: a tile's work grows with its last token (causal), and the GPU schedules programs in launch
     # order, so short tiles fill in at the end instead of one long tile running alone.
-    order = row_token[tile_end - 1].argsort(descending=True, stable=True)
+    last_token = torch.where(real, row_token[(tile_end - 1).clamp(min=0)], -1)
+    order = last_token.argsort(descending=True, stable=True)
     tile_group, tile_start, tile_end = tile_group[order], tile_start[order], tile_end[order]
     return row_token, row_head, tile_group.to(torch.int32), tile_start.to(torch.int32), tile_end.to(torch.int32)
 
@@ -816,8 +851,6 @@ def triton_routed_attention(routing, query, key, value, output, routed_mask, sca
     row_token, row_head, tile_group, tile_start, tile_end = routed_rows_layout(
         routing, routed_mask, num_kv_heads, block_m
     )
-    if tile_group.numel() == 0:
-        return
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     head_dim = query.shape[-1]
     padded_head_dim = max(16, 1 << (head_dim - 1).bit_length())  # tl.arange needs a power of two, tl.dot >= 16
