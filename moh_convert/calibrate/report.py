@@ -74,6 +74,7 @@ def build_report(
         "seed": settings.seed,
         "device": device,
         "dtype": dtype,
+        "head_allocation": settings.head_allocation,
         "active_heads": [config.active_heads(i) for i in range(config.num_layers)],
         "num_heads": config.num_heads,
         "heldout_perplexity": perplexity,

@@ -22,6 +22,7 @@ from ..model_folder import (
 )
 from ..modeling.configuration_moh import MoHConfig
 from ..modeling.modeling_moh import MoHHeadRouting
+from .allocation import ALLOCATION_TOKENS, allocate_active_heads, minimum_active_heads, oracle_loss_curves
 from .data import CalibrationMix, load_calibration_mix
 from .device import CALIBRATION_DTYPES, describe_device, peak_device_memory_mb, place, resolve_calibration_device
 from .fits import OUTPUT_RIDGE, fit_routing, refit_output_projection, routed_head_outputs
@@ -54,8 +55,12 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
     streams = Streams.start(source.decoder, calibration_windows, heldout_windows, settings.calibration_batch_size,
                             device, compute_dtype)
     source.decoder.embed_tokens.to("meta")  # only needed to start the streams
+    active_heads = [config.active_heads(layer_idx) for layer_idx in range(config.num_layers)]
+    if settings.head_allocation == "per-layer":
+        active_heads = per_layer_active_heads(source, streams, config, sum(active_heads))
     run = LayerwiseRun(
         settings=settings, config=config, calibrated=calibrated_config(config), source=source, streams=streams,
+        active_heads=active_heads,
         fixed_shared=None if shared_heads == "auto" else shared_heads,
         refit=settings.refit_output_projection and refits_output_projection(mix),
         refit_dir=folder / REFIT_DIR, dtype=weights_dtype(config.text_config), device=device,
@@ -65,7 +70,7 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
     perplexity, per_source = heldout_perplexity(source, streams, config.text_config, mix) if streams.heldout_tokens \
         else ({}, [{} for _ in mix.sources])
     report = build_report(
-        settings, config, int(calibration_windows.numel()), int(heldout_windows.numel()), perplexity,
+        settings, run.calibrated, int(calibration_windows.numel()), int(heldout_windows.numel()), perplexity,
         [result.summary for result in results], any(result.output_projection is not None for result in results), started,
         sources=source_summaries(mix, per_source),
         chat_sampling=next((item.sampling for item in mix.sources if item.sampling is not None), None),
@@ -146,6 +151,7 @@ class LayerwiseRun:
     calibrated: MoHConfig  # the config being calibrated, filled in layer by layer
     source: SourceModel
     streams: Streams
+    active_heads: list[int]  # per layer: shared + routed top-k after calibration
     fixed_shared: int | None  # shared heads per layer, None to choose them per layer
     refit: bool  # refit o_proj
     refit_dir: Path
@@ -183,7 +189,7 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
 
     # Step 1: the dense layer's attention inputs and head outputs; steps 2-5: shared heads, router, fallbacks.
     inputs, outputs = head_outputs_and_inputs(layer, attention, streams.calibration, calibration_kwargs)
-    active = config.active_heads(layer_idx)
+    active = run.active_heads[layer_idx]
     o_proj_weight = attention.o_proj.weight.float()  # the fits work in float32 whatever the layer's dtype
     routing = fit_routing(inputs, outputs, o_proj_weight, config.num_heads, active,
                           run.settings.head_fallback, run.fixed_shared)
@@ -218,6 +224,15 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     release_freed_memory()
     summary = LayerSummary.measured(layer_idx, split.shared, split.top_k, routing.agreement, split.frequency)
     return LayerResult(summary=summary, router_state=router_state, output_projection=output_projection)
+
+
+def per_layer_active_heads(source: SourceModel, streams: Streams, config: MoHConfig, budget: int) -> list[int]:
+    """`--head-allocation per-layer`: the active heads of each layer from the oracle loss curves of a dense pass
+    over the first ALLOCATION_TOKENS calibration tokens (moh_convert.calibrate.allocation)."""
+    tokens_per_batch = streams.calibration[0].shape[0] * streams.calibration[0].shape[1]
+    hidden_batches = streams.calibration[: max(1, ALLOCATION_TOKENS // tokens_per_batch)]
+    curves = oracle_loss_curves(source, hidden_batches, streams.calibration_kwargs, config.num_heads)
+    return allocate_active_heads(curves, budget, minimum_active_heads(budget / config.num_layers), config.num_heads)
 
 
 def run_as_converted(run: LayerwiseRun, layer, layer_idx: int, hidden_batches, kwargs_batches) -> list[torch.Tensor]:

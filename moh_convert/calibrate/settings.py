@@ -59,6 +59,11 @@ class CalibrationSettings(BaseModel):
         "keeps make up for the ones it skips (halved the perplexity gap at 6 of 9 heads on SmolLM2). Not done when "
         "'self' is the only source, where it measured worse on real text."
     )
+    head_allocation: Literal["uniform", "per-layer"] = Field(
+        "uniform", description="How many heads each layer keeps active: 'uniform' (the converted model's numbers) or "
+        "'per-layer' (layers whose skipped heads would change the residual stream more keep more, others fewer; "
+        "the model's average stays --active-heads). Measured in one dense pass over the first calibration tokens."
+    )
     calibration_device: str = Field(
         "auto", description="Where layers are computed during calibration: 'auto' = CUDA when available, else CPU; "
         "or 'cpu', 'cuda', 'cuda:1', ... ('self'/'chat' text is generated there too when it is CUDA)."
