@@ -85,6 +85,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, **options) -> 
     with StagedFolder(output, sources=[local_source] if local_source.exists() else [], overwrite=opts.overwrite) as staged:
         source_checkpoint = resolve_source(source, staged.work_dir)
         moh_config = build_moh_config(source_checkpoint, opts)
+        # Where it came from (the default teacher of `moh train`'s distillation): a Hub id, or a local absolute path.
+        moh_config.source_model = str(local_source.resolve()) if local_source.exists() else str(source)
         staging = staged.path
         staging.mkdir()
         write_weights(source_checkpoint, staging, router_tensors(moh_config), DTYPES.get(opts.dtype))

@@ -25,10 +25,14 @@ PLAIN_PROMPT_END = "\n\n"  # without a chat template, a prompt is plain text fol
 
 
 def load_dense_model(model_folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """The dense source model of a MoH folder (its text_config with the source class: same weights, no routing), on
-    `device` in `dtype` (generation runs on the calibration device when that is CUDA)."""
+    """The dense source model of a MoH folder (its text_config with the source class: same weights, no routing), or
+    the model of a dense folder, on `device` in `dtype` (generation runs on the calibration device when that is
+    CUDA)."""
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if json.loads((Path(model_folder) / "config.json").read_text()).get("model_type") != MoHConfig.model_type:
+        return AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype).to(device).eval()
     config = MoHConfig.from_pretrained(model_folder)
     source_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
     return source_class.from_pretrained(model_folder, config=config.text_config, dtype=dtype).to(device).eval()

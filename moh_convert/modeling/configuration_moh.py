@@ -47,6 +47,9 @@ class MoHConfig(PreTrainedConfig):
             `model.set_attention_path(...)`.
         source_model_type (`str`):
             `model_type` of the source architecture (kept for humans and tools; `text_config` is authoritative).
+        source_model (`str`, *optional*):
+            What the model was converted from, as given to `moh convert` (Hub id, or the absolute path of a local
+            folder or GGUF file). `moh train` distils from it by default.
     """
 
     model_type = "moh"
@@ -63,6 +66,7 @@ class MoHConfig(PreTrainedConfig):
     head_fallback: bool = False
     attention_path: str = "sparse"
     source_model_type: str | None = None
+    source_model: str | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -5,7 +5,9 @@
     -> tokenizer, model, what is trainable (all | routers | lora), AdamW (model_setup.py)
     -> packed token stream: every process reads the same stream and takes its own slice of each global batch,
        so a run gives the same losses whatever the number of processes (token_stream.py)
-    -> per step: micro-batches with gradient accumulation, loss = LM loss + routing losses (losses.py), clip, AdamW
+    -> the distillation teacher, when the recipe has `distill:` (distill.py): same process and device, no gradients
+    -> per step: micro-batches with gradient accumulation, loss = LM loss (or the teacher's KL, distill.py)
+       + routing losses (losses.py), clip, AdamW
     -> metrics.jsonl (+ TensorBoard when installed), held-out perplexity every `eval_every` steps,
        checkpoints every `save_every` steps and `--resume` (checkpoints.py)
     -> final model folder with the same layout as `moh convert` output and a Training section in its card (save.py).
@@ -23,10 +25,12 @@ from ..model_folder import OutputLock, check_output_location, prepare_output_par
 from ..modeling.modeling_moh import routing_modules
 from ..perplexity import perplexity
 from .checkpoints import CHECKPOINTS_DIR, remove_unfinished_checkpoints, resume_point, save_checkpoint
+from .distill import Teacher, distillation_losses, load_teacher
+from .generated_text import generated_data_source
 from .losses import routing_losses
 from .metrics import MetricsLog, RunOutcome, training_summary
 from .model_setup import build_optimizer, enable_gradient_checkpointing, learning_rate_at, load_model, make_trainable
-from .plan import TrainingPlan, plan_training
+from .plan import TrainingPlan, plan_training, text_config_of
 from .recipe import TrainRecipe, load_recipe
 from .save import save_final_model
 from .token_stream import PackedTokenStream, heldout_windows, take
@@ -80,10 +84,17 @@ def run_training(recipe: TrainRecipe, plan: TrainingPlan, output_dir: Path, resu
     model = make_trainable(model, recipe, plan)
     optimizer = build_optimizer(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
+    teacher = None
+    if plan.teacher is not None:  # not prepared by accelerate: it only runs forward, a full copy per process
+        teacher = load_teacher(plan.teacher, recipe.distill, accelerator.device,
+                               text_config_of(plan.source_config)["vocab_size"], output_dir)
+        accelerator.print(f"distilling from {teacher.describe()}")
     model.train()
 
     # ---- data: the same packed stream in every process; each takes its slice of every global batch
-    stream = PackedTokenStream(recipe.data, tokenizer, recipe.seq_len)
+    data = generated_data_source(recipe, plan.teacher or plan.model_folder, tokenizer, output_dir,
+                                 accelerator.is_main_process, accelerator.wait_for_everyone, accelerator.device)
+    stream = PackedTokenStream(data, tokenizer, recipe.seq_len)
     eval_windows = heldout_windows(recipe, tokenizer, stream)  # from the stream: training starts after them
 
     def evaluate_heldout() -> float:
@@ -114,19 +125,21 @@ def run_training(recipe: TrainRecipe, plan: TrainingPlan, output_dir: Path, resu
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        losses = optimizer_step(accelerator, model, optimizer, routings, my_rows, recipe, plan)
+        losses = optimizer_step(accelerator, model, optimizer, routings, my_rows, recipe, plan, teacher)
         last_loss = losses.loss
         done = step + 1
         metrics = {"step": done, "tokens": done * tokens_per_step, "sequences_consumed": sequences_consumed,
                    "lr": lr, "loss": last_loss, "load_balance_loss": losses.load_balance_loss,
                    "z_loss": losses.z_loss, "load_spread": losses.load_spread,
+                   **({"distill_kl": losses.distill_kl, "distill_hidden": losses.distill_hidden} if teacher else {}),
                    "tokens_per_s": tokens_per_step / (time.perf_counter() - step_started)}
         if recipe.eval_every and eval_windows is not None and (done % recipe.eval_every == 0 or done == plan.max_steps):
             last_ppl = metrics["heldout_perplexity"] = evaluate_heldout()
         if done % recipe.log_every == 0 or done == plan.max_steps or "heldout_perplexity" in metrics:
             metrics_log.write(metrics)
-        progress.set_postfix(loss=f"{last_loss:.3f}", lb=f"{metrics['load_balance_loss']:.3f}",
-                             spread=f"{metrics['load_spread']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        progress.set_postfix(loss=f"{last_loss:.3f}", **({"kl": f"{losses.distill_kl:.4f}"} if teacher else {}),
+                             lb=f"{metrics['load_balance_loss']:.3f}", spread=f"{metrics['load_spread']:.2f}",
+                             tok_s=f"{metrics['tokens_per_s']:.0f}")
         progress.update(1)
         if recipe.save_every and done % recipe.save_every == 0 and done < plan.max_steps:
             trainer_state = {"step": done, "sequences_consumed": sequences_consumed, "lr": lr, "loss": last_loss,
@@ -137,7 +150,7 @@ def run_training(recipe: TrainRecipe, plan: TrainingPlan, output_dir: Path, resu
     if eval_windows is not None and (not recipe.eval_every or last_ppl is None):
         last_ppl = evaluate_heldout()
     outcome = RunOutcome(last_loss, first_ppl, last_ppl, time.perf_counter() - train_started)
-    summary = training_summary(recipe, plan, accelerator.mixed_precision, outcome)
+    summary = training_summary(recipe, plan, accelerator.mixed_precision, outcome, teacher)
     output = save_final_model(accelerator, model, recipe, plan, summary, tokenizer)
     accelerator.end_training()
     accelerator.print(f"Trained model written to {output}")
@@ -148,29 +161,44 @@ def run_training(recipe: TrainRecipe, plan: TrainingPlan, output_dir: Path, resu
 class StepLosses:
     """Means over the global batch of one optimizer step (every process gets the same numbers)."""
 
-    loss: float
+    loss: float  # the plain next-token loss (also when distilling: comparable across runs)
     load_balance_loss: float
     z_loss: float
     load_spread: float
+    distill_kl: float = 0.0
+    distill_hidden: float = 0.0
 
 
 def optimizer_step(accelerator, model, optimizer, routings: list, rows: torch.Tensor, recipe: TrainRecipe,
-                   plan: TrainingPlan) -> StepLosses:
+                   plan: TrainingPlan, teacher: Teacher | None = None) -> StepLosses:
     """One optimizer step over this process's rows of the global batch, in micro-batches with gradient
-    accumulation: loss = LM loss + load_balance_coef * load-balance loss + router_z_loss_coef * z-loss."""
-    sums = torch.zeros(4, dtype=torch.float64)  # lm loss, load-balance loss, z-loss, load spread
+    accumulation: loss = LM loss + load_balance_coef * load-balance loss + router_z_loss_coef * z-loss; when
+    distilling, the LM loss weighs distill.lm_loss_weight and the teacher's KL (and hidden-state) terms are added."""
+    sums = torch.zeros(6, dtype=torch.float64)  # lm loss, load-balance loss, z-loss, load spread, KL, hidden
+    distill = recipe.distill
+    with_hidden = teacher is not None and distill.hidden_states_weight > 0
     for micro_batch in rows.split(recipe.micro_batch_size):
         with accelerator.accumulate(model):  # syncs gradients (and steps) only on the last micro-batch
             micro_batch = micro_batch.to(accelerator.device)
-            outputs = model(input_ids=micro_batch, labels=micro_batch)
+            outputs = model(input_ids=micro_batch, labels=micro_batch, output_hidden_states=with_hidden)
             aux = routing_losses(routings, plan.aux_loss, with_z_loss=plan.router_z_loss_coef > 0)
-            loss = outputs.loss + plan.load_balance_coef * aux.load_balance_loss + plan.router_z_loss_coef * aux.z_loss
+            loss = plan.load_balance_coef * aux.load_balance_loss + plan.router_z_loss_coef * aux.z_loss
+            if teacher is None:
+                loss = loss + outputs.loss
+                kd = None
+            else:
+                with torch.no_grad():
+                    teacher_outputs = teacher.model(input_ids=micro_batch, output_hidden_states=with_hidden)
+                kd = distillation_losses(outputs, teacher_outputs, distill)
+                loss = loss + distill.lm_loss_weight * outputs.loss + distill.kl_weight * kd.kl \
+                    + distill.hidden_states_weight * kd.hidden
             accelerator.backward(loss)  # divided by gradient_accumulation_steps inside
             if accelerator.sync_gradients and recipe.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-        sums += torch.tensor([outputs.loss.item(), *aux.values()], dtype=torch.float64)
+        distill_values = [kd.kl.item(), kd.hidden.item()] if kd is not None else [0.0, 0.0]
+        sums += torch.tensor([outputs.loss.item(), *aux.values(), *distill_values], dtype=torch.float64)
     # Every micro-batch has the same token count, so the mean of their means is the global batch's mean.
     means = accelerator.reduce(sums.to(accelerator.device) / plan.gradient_accumulation_steps, "mean").cpu()
     return StepLosses(*means.tolist())

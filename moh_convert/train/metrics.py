@@ -43,12 +43,16 @@ class RunOutcome:
     wall_seconds: float
 
 
-def training_summary(recipe: TrainRecipe, plan: TrainingPlan, mixed_precision: str, outcome: RunOutcome) -> dict:
+def training_summary(recipe: TrainRecipe, plan: TrainingPlan, mixed_precision: str, outcome: RunOutcome,
+                     teacher=None) -> dict:
     """training_summary.json: what was trained, how, and the results (the model card's Training section)."""
     tokens_per_step = plan.sequences_per_step * recipe.seq_len
+    distill = recipe.distill
     return {
         "base_model": recipe.model,
-        "data": recipe.data.dataset or recipe.data.path,
+        "data": recipe.data.dataset or recipe.data.path or (
+            f"generated: {recipe.data.generate} ({recipe.data.generate_tokens} tokens written by "
+            f"{plan.teacher or 'the model'})"),
         "steps": plan.max_steps,
         "tokens": plan.max_steps * tokens_per_step,
         "seq_len": recipe.seq_len,
@@ -56,6 +60,10 @@ def training_summary(recipe: TrainRecipe, plan: TrainingPlan, mixed_precision: s
         "learning_rate": f"{recipe.learning_rate:g} -> {recipe.final_learning_rate:g} (warmup {recipe.warmup_steps}, cosine)",
         "trainable": recipe.trainable + (f" (r={recipe.lora.r}, {', '.join(plan.lora_targets)}, {recipe.lora.save})"
                                          if recipe.trainable == "lora" else ""),
+        "objective": "next-token loss" if teacher is None else (
+            f"distillation from {teacher.source}: KL at temperature {distill.temperature:g} (weight "
+            f"{distill.kl_weight:g}), next-token loss weight {distill.lm_loss_weight:g}, hidden states weight "
+            f"{distill.hidden_states_weight:g}; teacher in {str(teacher.dtype).removeprefix('torch.')}"),
         "aux_loss": plan.aux_loss,
         "load_balance_coef": plan.load_balance_coef,
         "router_z_loss_coef": plan.router_z_loss_coef,

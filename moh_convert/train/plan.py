@@ -10,6 +10,7 @@ from ..errors import MoHError
 from ..sources import check_source
 from ..text_sources import TEXT_SUFFIXES, check_text_file
 from .checkpoints import CHECKPOINTS_DIR, latest_checkpoint
+from .distill import resolve_teacher
 from .recipe import DataSource, TrainRecipe
 
 MOA_LOAD_BALANCE_COEF = 0.01  # MoA (Zhang et al. 2022): switch-style load-balance loss ...
@@ -33,6 +34,7 @@ class TrainingPlan:
     load_balance_coef: float
     router_z_loss_coef: float
     lora_targets: list[str] | None = None
+    teacher: str | None = None  # the distillation teacher (recipe `distill:`), None without distillation
 
 
 def read_model_config(model: str) -> tuple[str, dict]:
@@ -108,6 +110,7 @@ def plan_training(recipe: TrainRecipe, num_processes: int, distributed_type: str
     batches = plan_batches(recipe, num_processes, text_config.get("max_position_embeddings"))
     lora_targets = check_trainable(recipe, model_folder, config, text_config, distributed_type)
     losses = plan_routing_losses(recipe, model_folder, config)
+    teacher = resolve_teacher(recipe, config)
 
     if recipe.eval_windows % num_processes:
         # Every process must run the same number of forwards (FSDP/DeepSpeed gather weights in each one).
@@ -133,6 +136,7 @@ def plan_training(recipe: TrainRecipe, num_processes: int, distributed_type: str
         load_balance_coef=losses.load_balance_coef,
         router_z_loss_coef=losses.router_z_loss_coef,
         lora_targets=lora_targets,
+        teacher=teacher,
     )
 
 

@@ -11,12 +11,21 @@ from ..errors import MoHError
 
 
 class DataSource(BaseModel):
-    """Training or held-out text: local .txt/.jsonl file(s), or a Hugging Face dataset (streamed)."""
+    """Training or held-out text: local .txt/.jsonl file(s), a Hugging Face dataset (streamed), or text the teacher
+    (or the model's own dense weights) writes."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: str | list[str] | None = Field(None, description=".txt or .jsonl file(s), read in order.")
     dataset: str | None = Field(None, description="Hugging Face dataset name (instead of `path`).")
+    generate: Literal["self", "chat", "default"] | None = Field(
+        None, description="Instead of `path`/`dataset`: text written by the distillation teacher (without `distill:`, "
+        "by the model's own dense weights): 'self' (free samples), 'chat' (replies in its chat template to the "
+        "prompts shipped with moh_convert), 'default' (half each, like calibration's default). Written once, before "
+        "training, to output_dir/generated-text.jsonl (a resumed run reads it again)."
+    )
+    generate_tokens: int = Field(32768, gt=0, description="How many tokens `generate` writes (the data repeats "
+                                 "in epochs when training needs more).")
     dataset_config: str | None = Field(None, description="Config name of the dataset.")
     split: str = Field("train", description="Split of the dataset.")
     column: str = Field("text", description="Text column of the dataset, or key of each JSONL record.")
@@ -24,8 +33,9 @@ class DataSource(BaseModel):
 
     @model_validator(mode="after")
     def one_source(self):
-        if (self.path is None) == (self.dataset is None):
-            raise ValueError("give exactly one of `path` (local .txt/.jsonl files) or `dataset` (Hub dataset name)")
+        if sum(value is not None for value in (self.path, self.dataset, self.generate)) != 1:
+            raise ValueError("give exactly one of `path` (local .txt/.jsonl files), `dataset` (Hub dataset name) or "
+                             "`generate` (self, chat or default: text the teacher writes)")
         return self
 
     def paths(self) -> list[Path]:
@@ -46,6 +56,28 @@ class LoraSettings(BaseModel):
     )
     save: Literal["merged", "adapter"] = Field(
         "merged", description="merged: LoRA folded into the saved MoH model; adapter: a peft adapter folder."
+    )
+
+
+class DistillSettings(BaseModel):
+    """Knowledge distillation from the dense model: the student (the MoH model) learns the teacher's next-token
+    distributions on the training text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(
+        None, description="Teacher model: folder, Hub id or .gguf file. Default: the model the MoH folder was "
+        "converted from (its config's `source_model`)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both distributions in the KL term.")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(teacher || student) per token (times T^2).")
+    lm_loss_weight: float = Field(0.0, ge=0, description="Weight of the plain next-token loss on the training text.")
+    hidden_states_weight: float = Field(
+        0.0, ge=0, description="Weight of matching every decoder layer's output hidden states to the teacher's "
+        "(mean squared error relative to the teacher's mean squared norm, averaged over layers)."
+    )
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the teacher runs in: auto = float32 on CPU, bfloat16 on GPUs."
     )
 
 
@@ -87,6 +119,10 @@ class TrainRecipe(BaseModel):
     )
     load_balance_coef: float | None = Field(None, ge=0, description="Load-balance loss weight (default 0.01).")
     router_z_loss_coef: float | None = Field(None, ge=0, description="Router z-loss weight (default 0.001 for moa).")
+    distill: DistillSettings | None = Field(
+        None, description="Distil from the dense model (teacher) instead of (or besides) the plain next-token loss; "
+        "`distill: {}` takes every default."
+    )
     eval_every: int = Field(0, ge=0, description="Held-out perplexity every N steps (0: only before and after).")
     eval_windows: int = Field(8, ge=0, description="Held-out sequences of seq_len tokens (0: no evaluation).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: none).")
