@@ -57,7 +57,8 @@ KINDS_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from benchmarks.domain_quality import evaluate_models
-results, _ = evaluate_models([(name, folder) for name, folder in json.loads(sys.argv[3])], sys.argv[2])
+results, _ = evaluate_models([(name, folder) for name, folder in json.loads(sys.argv[3])], sys.argv[2],
+                             max_windows=int(sys.argv[4]), wikitext_windows=int(sys.argv[4]))
 print("RESULT " + json.dumps({result.name: result.perplexity for result in results}))
 """
 
@@ -114,6 +115,9 @@ def main():
     parser.add_argument("--calibrated", help="an existing calibrated 6/9 folder (else converted here)")
     parser.add_argument("--paper", help="an existing paper-converted 6/9 folder (else converted here)")
     parser.add_argument("--generate-tokens", type=int, default=32768, help="tokens of teacher-written text")
+    parser.add_argument("--kinds-for", nargs="*", default=["calibrated:distill", "calibrated:lm"],
+                        help="runs also evaluated on the four kinds of text (each costs ~5 CPU minutes)")
+    parser.add_argument("--kinds-windows", type=int, default=24, help="512-token windows per kind of text")
     parser.add_argument("--test-windows", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--global-batch-tokens", type=int, default=2048)
@@ -179,9 +183,12 @@ def main():
     dense_metrics, _ = train_run({**recipe_for(dense, work_dir / "run-dense-speed", text, data_dir, args, 4, "lm", dense),
                                   "eval_windows": 0, "eval_every": 0}, work_dir, "dense-speed")
     dense_tokens_per_s = statistics.median(m["tokens_per_s"] for m in dense_metrics[1:])
-    kinds = run_child(KINDS_CHILD, str(REPO_ROOT), str(data_dir),
-                      json.dumps([["dense", str(dense)]] + [[f"{r['model']}:{r['objective']}", r["folder"]] for r in rows]))
-    for row in rows:
+    kinds_rows = [row for row in rows if f"{row['model']}:{row['objective']}" in args.kinds_for]
+    kinds = run_child(KINDS_CHILD, str(REPO_ROOT), str(data_dir), json.dumps(
+        [["dense", str(dense)]] + [[f"{r['model']}:{r['objective']}", r["folder"]] for r in kinds_rows]),
+        str(args.kinds_windows)) \
+        if kinds_rows else {}
+    for row in kinds_rows:
         row["kinds"] = {kind: value / kinds["dense"][kind] for kind, value in kinds[f"{row['model']}:{row['objective']}"].items()}
     (work_dir / "results.json").write_text(json.dumps({"rows": rows, "dense": dense_ppl, "kinds": kinds,
                                                       "dense_tokens_per_s": dense_tokens_per_s, "args": vars(args)}, indent=2))
@@ -221,26 +228,28 @@ def section_lines(rows: list[dict], args, dense_ppl: float, dense_tokens_per_s: 
         "",
         f"- Command: `{command.strip()}`",
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {args.machine}; float32",
-        f"- Budget: {args.budget_minutes:g} CPU minutes per distillation run, turned into {steps} optimizer steps of "
-        f"{args.global_batch_tokens} tokens ({rows[0]['tokens']:,} tokens; sequences of {args.seq_len}, micro-batch "
-        f"{args.micro_batch_size}) by timing distillation steps; every run gets the same steps and tokens of the same "
+        (f"- Budget: {args.budget_minutes:g} CPU minutes per distillation run, turned into {steps} optimizer steps of "
+         if args.steps is None else f"- Budget: fixed at {steps} optimizer steps of ")
+        + f"{args.global_batch_tokens} tokens ({rows[0]['tokens']:,} tokens; sequences of {args.seq_len}, micro-batch "
+        f"{args.micro_batch_size}){' by timing distillation steps' if args.steps is None else ''}; every run gets the same steps and tokens of the same "
         f"text: {args.generate_tokens:,} tokens the dense model wrote itself (`data: {{generate: default}}`).",
         f"- Recipe: `moh train`, trainable all, AdamW, LR {args.learning_rate:g} -> {args.final_learning_rate:g} "
         "(1 warmup step, cosine), load-balance beta 0.01. distill: `distill: {teacher: <dense folder>}` (KL at T=1, "
         "no next-token loss); lm: the plain next-token loss.",
         f"- Perplexity: WikiText-2 test, first {args.test_windows} 512-token windows; ratios to the untouched dense "
-        f"model ({dense_ppl:.2f}). Kinds: 24 windows each (benchmarks/domain_quality.py), ratio to the dense model.",
+        f"model ({dense_ppl:.2f}). Kinds: {args.kinds_windows} windows each (benchmarks/domain_quality.py), ratio to the dense model.",
         "",
         "| model | objective | test ppl before | after | after / dense | prose | chat | math | code | worst kind | "
         "train wall [s] | tokens/s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
-        ratios = [row["kinds"][kind] for kind in kinds]
+        ratios = [row["kinds"][kind] for kind in kinds] if "kinds" in row else []
+        kind_cells = " | ".join(f"{value:.3f}" for value in ratios) + f" | {max(ratios):.3f}" if ratios \
+            else " | ".join(["-"] * 5)
         lines.append(
             f"| {labels[row['model']]} | {row['objective']} | {row['before']:.2f} | {row['after']:.2f} | "
-            f"{row['after'] / dense_ppl:.3f}x | " + " | ".join(f"{value:.3f}" for value in ratios)
-            + f" | {max(ratios):.3f} | {row['train_seconds']:.0f} | {row['tokens_per_s']:.1f} |")
+            f"{row['after'] / dense_ppl:.3f}x | {kind_cells} | {row['train_seconds']:.0f} | {row['tokens_per_s']:.1f} |")
     lines += ["", f"Dense model training throughput on the same text and settings (plain next-token loss): "
               f"{dense_tokens_per_s:.1f} tokens/s.", "",
               "![held-out perplexity against training tokens](benchmarks/train_recovery.png)"]
