@@ -17,7 +17,9 @@ from moh_convert.cli import main as moh_main
 from moh_convert.modeling.modeling_moh import routing_modules
 
 from .conftest import synthetic_text
-from .train_helpers import CPU_2PROC, REPO, child_env, read_metrics, tiny_moh_models, tiny_recipe, write_recipe
+from .train_helpers import (
+    REPO, child_env, read_metrics, tiny_moh_models, tiny_recipe, train_in_one_and_two_processes, write_recipe,
+)
 
 
 @pytest.fixture(scope="module")
@@ -297,18 +299,7 @@ def test_two_process_ddp_matches_one_process_on_smollm2(smollm2_moh_6of9, tmp_pa
         "final_learning_rate": 1e-5, "eval_windows": 2, "eval_every": 2,
     }
     recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    env = child_env(tmp_path)
-    single = subprocess.run([sys.executable, "-m", "moh_convert.train", str(recipe_path), "--set", "output_dir=one"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    port = str(29600 + os.getpid() % 300)
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), "--main_process_port",
-         port, "-m", "moh_convert.train", str(recipe_path), "--set", "output_dir=two"],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    one, two = train_in_one_and_two_processes(recipe_path, tmp_path, 29600)
     assert json.loads((tmp_path / "two" / "model" / "training_summary.json").read_text())["processes"] == 2
     assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2]
     for a, b in zip(one, two):

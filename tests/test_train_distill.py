@@ -17,7 +17,9 @@ from moh_convert.train.distill import distillation_losses
 from moh_convert.train.recipe import DistillSettings
 
 from .test_train import KILL_AFTER_FIRST_CHECKPOINT
-from .train_helpers import CPU_2PROC, child_env, read_metrics, tiny_moh_models, tiny_recipe, write_recipe
+from .train_helpers import (
+    child_env, read_metrics, tiny_moh_models, tiny_recipe, train_in_one_and_two_processes, write_recipe,
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +97,7 @@ def test_resume_after_sigkill_gives_the_same_distillation_losses(tiny_moh, tmp_p
 def test_two_process_ddp_gives_the_same_distillation_losses(tiny_moh, tmp_path):
     recipe_path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
         tiny_moh["learned"], tiny_moh["text"], "run", max_steps=3, eval_every=3, distill={"lm_loss_weight": 0.5}))
-    env = child_env(tmp_path)
-    single = subprocess.run([sys.executable, "-m", "moh_convert.train", str(recipe_path), "--set", "output_dir=one"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    port = str(29300 + os.getpid() % 300)
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), "--main_process_port",
-         port, "-m", "moh_convert.train", str(recipe_path), "--set", "output_dir=two"],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    one, two = train_in_one_and_two_processes(recipe_path, tmp_path, 29300)
     assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2, 3]
     for a, b in zip(one, two):
         for key in ("loss", "distill_kl"):

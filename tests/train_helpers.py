@@ -49,3 +49,22 @@ def read_metrics(output_dir: Path) -> list[dict]:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def train_in_one_and_two_processes(recipe_path: Path, tmp_path: Path, port_base: int) -> tuple[list[dict], list[dict]]:
+    """Run the recipe in one process (output_dir=one) and with accelerate's two-CPU-process launch (output_dir=two),
+    from tmp_path; returns both runs' metrics."""
+    import subprocess
+    import sys
+
+    env = child_env(tmp_path)
+    single = subprocess.run([sys.executable, "-m", "moh_convert.train", str(recipe_path), "--set", "output_dir=one"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), "--main_process_port",
+         str(port_base + os.getpid() % 300), "-m", "moh_convert.train", str(recipe_path), "--set", "output_dir=two"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    return read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
