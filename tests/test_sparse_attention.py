@@ -27,6 +27,8 @@ TEST_ROWS_PER_CALL = 3
 @pytest.fixture(autouse=True)
 def small_routed_chunks(monkeypatch):
     monkeypatch.setattr(modeling_moh, "ROUTED_ROWS_PER_CALL", TEST_ROWS_PER_CALL)
+    # Tiny inputs would otherwise take the dense-then-gate path that short real prefills take.
+    monkeypatch.setattr(modeling_moh, "ROWS_PATH_MIN_SKIPPED_TOKENS", 0)
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +216,83 @@ def test_remote_code_copy_runs_its_own_sparse_kernel(converted_half_heads):
     folder = converted_half_heads["gemma3_text"]
     remote_class = get_class_from_dynamic_module("modeling_moh.MoHForCausalLM", folder)
     assert remote_class.__module__.startswith("transformers_modules.")
-    model = remote_class.from_pretrained(folder).eval()
+    model = remote_class.from_pretrained(folder).eval().set_sparse_kernel("rows")  # the rows path even for 40 tokens
     assert model.config.text_config._attn_implementation == "moh_sparse_sdpa"
     input_ids, attention_mask, position_ids = padded_batch(seq=40)  # beyond the sliding window of 8
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     torch.testing.assert_close(logits(model, "sparse", **inputs), logits(model, "masked", **inputs), atol=1e-4, rtol=0)
+
+
+def static_layer_model(tiny_checkpoints, head_fallback=False):
+    """Layer 0 static (shared heads 0 and 2, one per GQA group, no routed selection: what calibration's speed
+    objective writes), layer 1 routed (top-2 of 4), learned router with random weights."""
+    source_config = AutoConfig.from_pretrained(tiny_checkpoints["llama"])
+    config = MoHConfig(
+        text_config=source_config.to_dict(), shared_heads=[[0, 2], []], routed_top_k=[0, 2], router="learned",
+        head_fallback=head_fallback,
+    )
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
+    model = MoHForCausalLM(config).eval()
+    model.load_state_dict(dense.state_dict(), strict=False)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".moh." in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("head_fallback", [False, True])
+def test_static_layer_runs_its_shared_heads_only(tiny_checkpoints, monkeypatch, tmp_path, head_fallback):
+    model = static_layer_model(tiny_checkpoints, head_fallback)
+    static, routed = model.head_routing
+    assert static.is_static and not routed.is_static
+    input_ids, attention_mask, position_ids = padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    masked = logits(model, "masked", **inputs)
+    if not head_fallback:
+        # A static layer needs no router: neither at prefill nor when decoding (the masked path's gates).
+        monkeypatch.setattr(static.router, "forward", lambda *args: pytest.fail("static layer ran its router"))
+        monkeypatch.setattr(static.router.routed_proj, "forward", lambda *args: pytest.fail("static layer ran its router"))
+    counter = CountQueryRows(monkeypatch)
+    torch.testing.assert_close(logits(model, "sparse", **inputs), masked, atol=1e-4, rtol=0)
+    # Layer 0 computes its 2 shared heads for every token, layer 1 its 2 routed selections.
+    assert counter.rows == input_ids.numel() * (2 + 2)
+    # The per-layer split survives save and load (config.json holds it).
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert reloaded.config.routed_top_k == [0, 2] and reloaded.config.shared_heads == [[0, 2], []]
+    assert reloaded.head_routing[0].is_static
+    torch.testing.assert_close(logits(reloaded, "sparse", **inputs), masked, atol=1e-4, rtol=0)
+
+
+def test_static_layer_decodes_like_the_masked_path(tiny_checkpoints):
+    model = static_layer_model(tiny_checkpoints)
+    input_ids, attention_mask, _ = padded_batch()
+    generated = {}
+    for path in ("sparse", "masked"):
+        model.set_attention_path(path)
+        with torch.no_grad():
+            generated[path] = model.generate(
+                input_ids=input_ids[:, :12], attention_mask=attention_mask[:, :12], max_new_tokens=6,
+                do_sample=False, pad_token_id=0,
+            )
+    assert torch.equal(generated["sparse"], generated["masked"])
+
+
+def test_short_prefills_take_the_dense_kernel_then_gates(converted_half_heads, monkeypatch):
+    """The rows path pays only when enough (token, head) pairs are skipped per routed head; below that a routed
+    layer runs the dense kernel and gates, with the same logits."""
+    monkeypatch.setattr(modeling_moh, "ROWS_PATH_MIN_SKIPPED_TOKENS", 1000)
+    model = AutoModelForCausalLM.from_pretrained(converted_half_heads["llama"]).eval()
+    routing = model.head_routing[0]  # 1 shared + top-1 of 3 routed: two thirds of the routed pairs skipped
+    assert not routing.rows_path_pays(1499) and routing.rows_path_pays(1500)
+    input_ids, attention_mask, position_ids = padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    counter = CountQueryRows(monkeypatch)
+    torch.testing.assert_close(logits(model, "sparse", **inputs), logits(model, "masked", **inputs), atol=1e-4, rtol=0)
+    assert counter.rows == 0
+    # An explicit request for the rows path is obeyed at any length.
+    model.set_sparse_kernel("rows")
+    torch.testing.assert_close(logits(model, "sparse", **inputs), logits(model, "masked", **inputs), atol=1e-4, rtol=0)
+    assert counter.rows > 0

@@ -117,6 +117,9 @@ class MoHHeadRouting(nn.Module):
         self.head_fallback = nn.Parameter(torch.zeros(self.num_heads, head_dim)) if config.head_fallback else None
         # Every head on with binary gates is exactly the dense model: skip routing altogether.
         self.is_dense = self.gate_mode == "binary" and self.routed_top_k == len(self.routed_heads)
+        # No routed head is ever selected (calibration's speed objective shares all active heads of some layers): the
+        # layer is a fixed subset of heads, and inference needs no router at all.
+        self.is_static = self.gate_mode == "binary" and self.routed_top_k == 0 and len(self.routed_heads) > 0
         # When True (set by training and analysis code), the last routing is kept for losses and statistics.
         self.record_routing = False
         self.last_router_logits: torch.Tensor | None = None  # [batch, seq, num_routed], float32
@@ -314,6 +317,16 @@ class MoHHeadRouting(nn.Module):
             and self.pending.has_inputs()
         )
 
+    def rows_path_pays(self, q_len: int) -> bool:
+        """Whether the CPU rows path is faster than the dense kernel then gates for a prefill of q_len tokens: each
+        chunk of routed rows costs two kernel calls, a merge and a mask, which only pay off once enough (token,
+        head) pairs are skipped per routed head (see ROWS_PATH_MIN_SKIPPED_TOKENS). Layers without routed selections
+        always pay (their shared heads are one kernel call)."""
+        if self.is_static:
+            return True
+        skipped_share = 1.0 - self.routed_top_k / len(self.routed_heads)
+        return q_len * skipped_share >= ROWS_PATH_MIN_SKIPPED_TOKENS
+
     def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[tuple | None, list]:
         """Shared heads as (query heads, their key/value heads: one per query head, or each once when the shared
         heads are whole GQA groups) or None; routed heads as [(kv_head, positions among
@@ -322,9 +335,11 @@ class MoHHeadRouting(nn.Module):
         if key not in self._index_cache:
             shared_heads = sorted(self.shared_heads)
             kv_of_shared = [head // group_size for head in shared_heads]
-            if shared_heads and all(kv_of_shared.count(kv) == group_size for kv in kv_of_shared):
-                # Whole GQA groups are shared (e.g. the paper's first half of the heads): each key/value head once,
-                # and the kernel's own GQA broadcast, instead of a copy per query head.
+            if shared_heads and len({kv_of_shared.count(kv) for kv in kv_of_shared}) == 1:
+                # The same number of shared heads reads each of their key/value heads (whole GQA groups as in the
+                # paper's first half of the heads, or e.g. 2 of each group of 3): each key/value head once, and the
+                # kernel's own GQA broadcast (sorted query heads come grouped by key/value head), instead of a
+                # copy of a key/value head per query head.
                 kv_of_shared = sorted(set(kv_of_shared))
             shared = (
                 torch.tensor(shared_heads, device=device), torch.tensor(kv_of_shared, device=device),
@@ -361,15 +376,23 @@ class MoHHeadRouting(nn.Module):
         # can_skip_heads first: it is what decoding (every generated token, every layer) stops at.
         skip = self.can_skip_heads(query, dropout, kwargs)
         kernel = sparse_kernel_for(query, attention_mask, kwargs.get("softcap"), self.sparse_kernel) if skip else "dense"
+        if kernel == "rows" and self.sparse_kernel == "auto" and not self.rows_path_pays(query.shape[2]):
+            kernel = "dense"
         if kernel == "dense":
             output, weights = base_attention_function(module)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
             return self.gate_heads(output), weights
         batch, _, q_len, head_dim = query.shape
+        scaling = head_dim**-0.5 if scaling is None else scaling
+        if self.is_static and not self.fallback_in_use():
+            # The shared heads are all there is to compute: no routing, no routed rows.
+            self.pending.hidden_states = self.pending.queries = None
+            return head_sparse_attention(
+                self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), None, kernel
+            ), None
         gates, routed_mask = self.route_pending_inputs(batch, q_len)
         routed_mask = self.routed_part(gates, routed_mask)
-        scaling = head_dim**-0.5 if scaling is None else scaling
         output = head_sparse_attention(
             self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask, kernel
         )
@@ -409,6 +432,12 @@ class MoHHeadRouting(nn.Module):
         normalisations keep the order, so they are the same heads as the probabilities'. Every tensor op here costs
         ~10 us when decoding one token (cold caches between the weight-bound matrix products), on every layer, so
         this takes four or five of them where building and applying gates takes about ten."""
+        if self.is_static and not self.fallback_in_use():
+            # Every routed head is dropped for every token: no router call (this runs for every decoded token).
+            routed_index = self._head_index("routed", per_head.device)
+            if torch.is_grad_enabled():
+                return per_head.index_fill(2, routed_index, 0.0)
+            return per_head.index_fill_(2, routed_index, 0.0)
         num_dropped = len(self.routed_heads) - self.routed_top_k
         head_dim = per_head.shape[-1]
         if self.router_uses_query:
@@ -477,6 +506,12 @@ SPARSE_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 # 64-row query splits (it uses them from 192 rows on), an even share for 2 threads; measured on SmolLM2-135M at 4096
 # tokens, 384 beat 128, 256, 512 and 1024 rows.
 ROUTED_ROWS_PER_CALL = 384
+# Below this many skipped tokens per routed head (prefill length x share of routed heads a token skips), a layer with
+# routed selections runs the dense kernel and then gates (`MoHHeadRouting.rows_path_pays`): the rows path's per-chunk
+# calls and merges cost more than the skipped pairs save. Measured on SmolLM2-135M's attention shape (9 heads, 3
+# key/value heads, head_dim 64, 2 CPU threads): the rows path breaks even with dense at ~2750 tokens for top-6 of 9
+# routed (a third skipped), ~2000 for top-5 of 9, ~1700 for 2 shared + top-2 of 5: 900-1000 skipped tokens each.
+ROWS_PATH_MIN_SKIPPED_TOKENS = 1000
 
 
 def base_attention_function(module: nn.Module):
@@ -564,7 +599,8 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
     """Attention of the shared heads for every token and of each routed head for the tokens that selected it.
 
     query [b, heads, q, d]; key, value [b, kv_heads, kv, d] (after the cache update); routed_mask [b, q, routed]
-    (1 where selected). Returns [b, q, heads, d] with zeros for unselected (token, head) pairs.
+    (1 where selected; None for a static layer, whose routed heads are never selected). Returns [b, q, heads, d] with
+    zeros for unselected (token, head) pairs.
     Routed heads use a "varying number of queries per head" layout: per batch row and key/value head, the selected
     (token, head) pairs of all routed heads reading that key/value head are gathered as query rows (sorted by
     position) and cut into chunks of ROUTED_ROWS_PER_CALL rows; each chunk attends the keys up to its last token,
@@ -590,6 +626,8 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
         )
         output[:, :, heads] = shared_output.transpose(1, 2)
 
+    if routed_mask is None:
+        return output
     if kernel == "triton":
         triton_routed_attention(routing, query, key, value, output, routed_mask, scaling)
         return output
