@@ -69,6 +69,13 @@ def per_layer(values: list) -> str:
     return "per layer: " + ", ".join(map(str, values))
 
 
+def static_layers(config: MoHConfig) -> str:
+    """Layers whose routed heads are never selected: they run their shared heads only (cheapest; no router)."""
+    layers = [layer for layer in range(config.num_layers)
+              if routed_top_k(config, layer) == 0 and len(config.shared_heads[layer]) < config.num_heads]
+    return f"{len(layers)} of {config.num_layers}" + (f" ({', '.join(map(str, layers))})" if layers else "")
+
+
 def conversion_table(config: MoHConfig, source_description: str) -> str:
     layers = range(config.num_layers)
     active = [len(config.shared_heads[layer]) + routed_top_k(config, layer) for layer in layers]
@@ -81,6 +88,7 @@ def conversion_table(config: MoHConfig, source_description: str) -> str:
         ("active heads per token", active_text),
         ("shared (always-on) heads", describe_shared_heads(config)),
         ("routed heads per token (top-K)", per_layer([routed_top_k(config, layer) for layer in layers])),
+        ("static layers (fixed heads, no router)", static_layers(config)),
         ("router", config.router),
         ("gates", config.gate_mode),
     ]
@@ -353,6 +361,16 @@ def set_card_section(folder: Path, title: str, text: str) -> None:
     preamble, sections = split_sections(body)
     path.unlink()
     path.write_text(metadata + join_sections(preamble, set_section(sections, title, text)))
+
+
+def refresh_conversion_section(folder: Path, config: MoHConfig) -> None:
+    """Rebuild the card's Conversion section from `config` (calibration changes the per-layer split), keeping its
+    source row; nothing happens without a card."""
+    if not (folder / CARD_NAME).is_file():
+        return
+    _, sections = split_sections(read_model_card(folder).text)
+    source = source_row(sections) or describe_source(config, config.source_model or "unknown")
+    set_card_section(folder, "Conversion", conversion_table(config, source))
 
 
 def update_model_card(folder: str | Path, evaluation: Evaluation | None = None) -> Path:

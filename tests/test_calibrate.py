@@ -200,3 +200,32 @@ def test_without_refit_o_proj_is_the_sources(tiny_checkpoints, text_file, tmp_pa
     calibrate(out, calibration_data=str(text_file), refit_output_projection=False, **SETTINGS)
     assert all(torch.equal(tensor, original[name]) for name, tensor in source_tensors(out).items())
     assert json.loads((out / "calibration_report.json").read_text())["output_projection_refit"] is False
+
+
+def test_objective_chooses_static_layers_and_they_run_sparse(tiny_checkpoints, text_file, tmp_path, monkeypatch):
+    """--objective: every layer's candidate splits are reported with their lost output and cost; a speed weight
+    large enough makes every layer static (its active heads shared, no router), and such a model's sparse path
+    equals its masked path and says so in its card."""
+    quality = converted(tiny_checkpoints, "llama", tmp_path / "quality")
+    calibrate(quality, calibration_data=str(text_file), objective="quality", **SETTINGS)
+    report = json.loads((quality / "calibration_report.json").read_text())
+    assert report["objective"] == "quality"
+    for layer in report["layers"]:
+        assert [c["shared"] for c in layer["split_candidates"]] == [0, 1, 2]
+        chosen = min(layer["split_candidates"], key=lambda c: c["error"])  # quality: the least lost output
+        assert chosen["shared"] == len(layer["shared_heads"])
+
+    from moh_convert.calibrate import settings as calibration_settings
+    monkeypatch.setitem(calibration_settings.SPEED_WEIGHTS, "speed", 100.0)
+    fast = converted(tiny_checkpoints, "llama", tmp_path / "speed")
+    calibrate(fast, calibration_data=str(text_file), objective="speed", **SETTINGS)
+    config = json.loads((fast / "config.json").read_text())
+    assert config["routed_top_k"] == [0, 0] and all(len(shared) == 2 for shared in config["shared_heads"])
+    assert "| static layers (fixed heads, no router) | 2 of 2 (0, 1) |" in (fast / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(fast).eval()
+    assert all(routing.is_static for routing in model.head_routing)
+    input_ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sparse = model(input_ids=input_ids).logits
+        masked = model.set_attention_path("masked")(input_ids=input_ids).logits
+    torch.testing.assert_close(sparse, masked, atol=1e-4, rtol=0)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from moh_convert.calibrate.fits import (
-    OUTPUT_RIDGE, RIDGE, HeadSplit, RidgeRouterFit, candidate_shared_counts, choose_head_split, head_importance,
-    refit_output_projection,
+    OUTPUT_RIDGE, RIDGE, HeadSplit, RidgeRouterFit, attention_cost, candidate_shared_counts, choose_head_split,
+    head_importance, refit_output_projection,
 )
 
 
@@ -91,3 +91,40 @@ def test_candidate_shared_counts():
     assert candidate_shared_counts(3) == [0, 1, 2, 3]
     counts = candidate_shared_counts(24)
     assert counts[0] == 0 and counts[-1] == 24 and len(counts) == 9
+
+
+def test_attention_cost_model():
+    # A static layer (no routed selection) costs its shared heads at every length; a layer with routed selections
+    # runs dense attention on short inputs, so it costs at least half of dense on average, never more than dense.
+    assert attention_cost(9, 6, 0) == pytest.approx(6 / 9)
+    assert attention_cost(9, 0, 6) == pytest.approx(0.5 * min(1.0, 1.2 * 6 / 9) + 0.5)
+    assert attention_cost(9, 6, 0) < attention_cost(9, 4, 2) < attention_cost(9, 0, 6) <= 1.0
+    assert attention_cost(9, 0, 9) == 1.0
+
+
+def test_speed_weight_trades_lost_output_for_static_layers():
+    """Heads of similar importance: routing loses a little less output than a fixed set of heads, so the quality
+    objective routes, and a speed weight makes the layer static (every active head shared, no router)."""
+    torch.manual_seed(4)
+    num_tokens, hidden, num_heads, head_dim, active = 800, 8, 4, 2, 3
+    inputs = torch.randn(num_tokens, hidden)
+    outputs = torch.randn(num_tokens, num_heads * head_dim)
+    # Each head's size follows one input feature (log-linearly, what the ridge router fits): routing can predict
+    # which head matters least for each token.
+    outputs = (outputs.view(num_tokens, num_heads, head_dim) * inputs[:, :num_heads, None].mul(1.5).exp()).flatten(1)
+    o_proj_weight = torch.randn(hidden, num_heads * head_dim)
+    importance = head_importance(outputs, torch.zeros(num_heads, head_dim), o_proj_weight)
+    deviation_check = outputs[-160:].view(160, num_heads, head_dim)
+    arguments = (inputs, importance, deviation_check, o_proj_weight, active, None)
+    quality = choose_head_split(*arguments)
+    assert quality.top_k > 0
+    # Every count was scored; errors are shares of the layer's attention output (0..1); the static one is cheapest.
+    assert [c.shared for c in quality.candidates] == [0, 1, 2, 3]
+    assert all(0.0 <= c.error <= 1.0 for c in quality.candidates)
+    assert min(quality.candidates, key=lambda c: c.cost).shared == active
+    assert quality.candidates[[c.shared for c in quality.candidates].index(len(quality.shared))].error == min(
+        c.error for c in quality.candidates)
+    speed = choose_head_split(*arguments, speed_weight=10.0)
+    assert speed.top_k == 0 and len(speed.shared) == active
+    # Fixed by the user: no candidates, no objective.
+    assert choose_head_split(*arguments[:-1], 1, speed_weight=10.0).shared.__len__() == 1

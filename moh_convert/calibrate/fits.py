@@ -6,6 +6,7 @@ head's output h_i side by side), o_proj weight W_O [hidden, heads*head_dim].
 
 Device and precision: every fit runs on the device of its inputs (the calibration device) and works in float32
 (normal matrices in float64), whatever dtype the layers ran in: inputs are cast to float32 on the way in."""
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,6 +15,20 @@ import torch
 CHECK_TOKENS = 4096  # calibration tokens set aside (per layer) to choose how many heads to share
 RIDGE = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
 OUTPUT_RIDGE = 1e-2  # pull of the refitted o_proj towards the original, relative to the mean diagonal of X^T X
+# The cost model of the speed-aware split (see `attention_cost`): on the CPU sparse path a routed (token, head) pair
+# costs more than a shared head's (chunks of gathered rows, two kernel calls and a merge each). Measured on
+# SmolLM2-135M's attention shape (9 heads, 3 key/value heads, 2 threads) at 4096 tokens: 6 shared heads 0.665x of
+# dense attention; 5 shared + top-1 of 4 routed ~0.81-0.85x; top-6 of 9 routed ~0.89-0.93x (runs move by 5-10%).
+ROUTED_HEAD_COST = 1.2
+
+
+@dataclass
+class SplitCandidate:
+    """One candidate number of shared heads of a layer, as the choice saw it."""
+
+    shared: int
+    error: float  # attention output lost on the held-back tokens, as a share of the layer's attention output there
+    cost: float  # attention cost relative to the dense layer's (`attention_cost`)
 
 
 @dataclass
@@ -27,6 +42,7 @@ class HeadSplit:
     bias: torch.Tensor  # router bias [routed heads]
     error: float  # attention output lost on the held-back tokens (0.0 when the number of shared heads was fixed)
     frequency: torch.Tensor  # [heads]: share of tokens for which the oracle keeps each head
+    candidates: list[SplitCandidate] | None = None  # every count tried (None when it was fixed)
 
 
 @dataclass
@@ -41,7 +57,7 @@ class LayerRouting:
 
 def fit_routing(
     inputs: torch.Tensor, outputs: torch.Tensor, o_proj_weight: torch.Tensor, num_heads: int, active: int,
-    head_fallback: Literal["zero", "mean"], fixed_shared: int | None,
+    head_fallback: Literal["zero", "mean"], fixed_shared: int | None, speed_weight: float = 0.0,
 ) -> LayerRouting:
     """Steps 2 to 5 of the method (see the package docstring): importance, shared heads, router, fallbacks."""
     inputs, outputs, o_proj_weight = inputs.float(), outputs.float(), o_proj_weight.float()
@@ -52,7 +68,7 @@ def fit_routing(
     # The last fifth of the tokens (at most CHECK_TOKENS) judges candidate splits.
     num_check = min(CHECK_TOKENS, importance.shape[0] // 5)
     deviation_check = outputs[-num_check:].view(num_check, num_heads, -1) - head_means
-    split = choose_head_split(inputs, importance, deviation_check, o_proj_weight, active, fixed_shared)
+    split = choose_head_split(inputs, importance, deviation_check, o_proj_weight, active, fixed_shared, speed_weight)
     del deviation_check
     router_pick = top_k_mask(inputs @ split.weight.T + split.bias, split.top_k)
     oracle_pick = top_k_mask(importance[:, split.routed], split.top_k)
@@ -101,20 +117,39 @@ def candidate_shared_counts(active: int) -> list[int]:
     return sorted({round(active * step / 8) for step in range(9)}) if active > 8 else list(range(active + 1))
 
 
-def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active: int, fixed_shared: int | None) -> HeadSplit:
+def attention_cost(num_heads: int, shared: int, top_k: int) -> float:
+    """A layer's attention cost on the sparse path relative to the dense layer's: the mean of a long prefill (a
+    shared head costs 1/num_heads, a routed selection ROUTED_HEAD_COST/num_heads, never more than dense: the path
+    falls back to it) and short inputs (up to ~2000 tokens a layer with routed selections runs the dense kernel and
+    then gates, see modeling_moh.ROWS_PATH_MIN_SKIPPED_TOKENS). A static layer (no routed selection) is just its
+    shared heads at every length, and needs no router when decoding."""
+    if top_k == 0:
+        return shared / num_heads
+    return 0.5 * min(1.0, (shared + ROUTED_HEAD_COST * top_k) / num_heads) + 0.5
+
+
+def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active: int, fixed_shared: int | None,
+                      speed_weight: float = 0.0) -> HeadSplit:
     """Pick the shared heads and fit the router of one layer.
 
     Shared heads are the heads the oracle keeps most often. How many: `fixed_shared` if the user set it, otherwise
-    every count from 0 to `active` is tried (router fitted on the first part of the tokens) and the one whose
-    routing loses the least of the attention output on the last part (`deviation_check`: h - m there) wins. A router
-    that cannot see the context of a token is only worth its routing decisions where it is reliable."""
+    every count from 0 to `active` is tried (router fitted on the first part of the tokens) and scored on the last
+    part (`deviation_check`: h - m there) by the share of the layer's attention output its routing loses (comparable
+    across layers, unlike the residual stream's energy, which a few huge activations dominate in middle layers), plus
+    `speed_weight` times its attention cost (`attention_cost`; 0 for the quality objective). The lowest score wins.
+    (Judging splits after refitting o_proj for each, which a fixed set of heads gains more from, measured worse on
+    held-out text and took 2-3x longer.) A router that cannot see the context of a token is only worth its routing
+    decisions where it is reliable, and only where they pay for what they cost."""
     num_tokens, num_heads = importance.shape
     num_fit = num_tokens - deviation_check.shape[0]
     frequency = keep_frequency(importance, active)
     order = frequency.argsort(descending=True).tolist()
     counts = [min(fixed_shared, active)] if fixed_shared is not None else candidate_shared_counts(active)
     fit_part = RidgeRouterFit(inputs[:num_fit]) if fixed_shared is None else RidgeRouterFit(inputs)
-    best = None
+    best, best_score, candidates = None, math.inf, []
+    # Everything skipped: the layer's whole attention output (beyond the fallbacks), what errors are shares of.
+    output_energy = reconstruction_error(deviation_check, torch.ones_like(importance[-deviation_check.shape[0]:]),
+                                         o_proj_weight) if len(counts) > 1 else 1.0
     for count in counts:
         shared = sorted(order[:count])
         routed = [head for head in range(num_heads) if head not in shared]
@@ -131,9 +166,14 @@ def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active
             picks = top_k_mask(inputs[num_fit:] @ weight.T + bias, top_k)
             skipped[:, routed] = 1.0 - picks
         error = reconstruction_error(deviation_check, skipped, o_proj_weight) if len(counts) > 1 else 0.0
-        if best is None or error < best.error:
+        candidate = SplitCandidate(count, error / max(output_energy, 1e-30), attention_cost(num_heads, count, top_k))
+        candidates.append(candidate)
+        score = candidate.error + speed_weight * candidate.cost
+        if best is None or score < best_score:
+            best_score = score
             best = HeadSplit(shared=shared, routed=routed, top_k=top_k, weight=weight, bias=bias, error=error,
                              frequency=frequency)
+    best.candidates = candidates if len(counts) > 1 else None
     del fit_part
     if fixed_shared is None and best.top_k > 0:
         # Refit the chosen router on every calibration token.

@@ -2,12 +2,12 @@
 `moh calibrate` itself), the model card's Calibration section and the summary line printed at the end."""
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..modeling.configuration_moh import MoHConfig
-from .settings import REPORT_NAME, SELF_SAMPLING_TEMPERATURE, SELF_SAMPLING_TOP_P, CalibrationSettings
+from .settings import REPORT_NAME, SPEED_WEIGHTS, SELF_SAMPLING_TEMPERATURE, SELF_SAMPLING_TOP_P, CalibrationSettings
 
 
 @dataclass
@@ -19,24 +19,31 @@ class LayerSummary:
     routed_top_k: int
     router_agreement: float  # rounded as reported (the mean over layers is taken of the rounded values)
     oracle_keep_frequency: list[float]
+    # Every number of shared heads tried: {"shared", "error" (share of the attention output lost), "cost" (relative
+    # attention cost)}; empty when --shared-heads fixed it.
+    split_candidates: list[dict] = field(default_factory=list)
 
     @classmethod
     def measured(cls, layer: int, shared_heads: list[int], routed_top_k: int, agreement: float,
-                 frequency: torch.Tensor) -> "LayerSummary":
-        return cls(layer, shared_heads, routed_top_k, round(agreement, 4), [round(value, 4) for value in frequency.tolist()])
+                 frequency: torch.Tensor, candidates=None) -> "LayerSummary":
+        tried = [{"shared": c.shared, "error": float(f"{c.error:.4g}"), "cost": round(c.cost, 4)} for c in candidates or []]
+        return cls(layer, shared_heads, routed_top_k, round(agreement, 4), [round(value, 4) for value in frequency.tolist()],
+                   tried)
 
     def as_dict(self) -> dict:
         return {
             "layer": self.layer, "shared_heads": self.shared_heads, "routed_top_k": self.routed_top_k,
             "router_agreement": self.router_agreement, "oracle_keep_frequency": self.oracle_keep_frequency,
+            "split_candidates": self.split_candidates,
         }
 
 
 def method_description(settings: CalibrationSettings) -> str:
     return (
         f"sequential per-layer: importance ||(h_i - f_i) W_O^i|| with {settings.head_fallback} fallback f; shared "
-        "heads by oracle keep frequency, their number chosen by held-back reconstruction error; ridge linear router "
-        "on the attention input"
+        "heads by oracle keep frequency, their number chosen by held-back reconstruction error "
+        f"(objective {settings.objective}: + {SPEED_WEIGHTS[settings.objective]} x attention cost); ridge linear "
+        "router on the attention input"
         + ("; o_proj refitted by least squares to the dense output" if settings.refit_output_projection else "")
     )
 
@@ -75,6 +82,7 @@ def build_report(
         "device": device,
         "dtype": dtype,
         "head_allocation": settings.head_allocation,
+        "objective": settings.objective,
         "active_heads": [config.active_heads(i) for i in range(config.num_layers)],
         "num_heads": config.num_heads,
         "heldout_perplexity": perplexity,
@@ -118,7 +126,8 @@ def calibration_card_section(report: dict) -> str:
         f"Routers and shared heads were fitted on {report['calibration_tokens']:,} tokens of "
         f"{data_description(report['calibration_data'])} ({report['seq_len']}-token windows), one layer at a time, with no training "
         f"(method: {report['method']}). Mean agreement of the router with the per-token oracle: "
-        f"{report['mean_router_agreement']:.0%}. Full per-layer report: `{REPORT_NAME}`.\n",
+        f"{report['mean_router_agreement']:.0%}. Objective: `{report.get('objective', 'quality')}`. Full per-layer "
+        f"report: `{REPORT_NAME}`.\n",
     ]
     sources = report.get("sources") or []
     if ppl:

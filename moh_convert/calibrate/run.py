@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..model_card import set_card_section
+from ..model_card import refresh_conversion_section, set_card_section
 from ..model_folder import (
     ShardedWeights, replace_tensors_in_shards, save_router_shard, write_moh_config,
 )
@@ -29,7 +29,7 @@ from .fits import OUTPUT_RIDGE, fit_routing, refit_output_projection, routed_hea
 from .layers import head_outputs_and_inputs, record_layer_inputs, run_layer, stream_loss
 from .memory import release_freed_memory, return_large_blocks_to_the_os
 from .report import LayerSummary, build_report, calibration_card_section
-from .settings import REPORT_NAME, CalibrationSettings
+from .settings import REPORT_NAME, SPEED_WEIGHTS, CalibrationSettings
 
 # Refitted o_proj weights wait on disk (one small file per layer, inside the folder being calibrated) until they are
 # written over the originals in their shards at the end: kept in memory they would add up to a whole matrix per layer.
@@ -191,8 +191,8 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     inputs, outputs = head_outputs_and_inputs(layer, attention, streams.calibration, calibration_kwargs)
     active = run.active_heads[layer_idx]
     o_proj_weight = attention.o_proj.weight.float()  # the fits work in float32 whatever the layer's dtype
-    routing = fit_routing(inputs, outputs, o_proj_weight, config.num_heads, active,
-                          run.settings.head_fallback, run.fixed_shared)
+    routing = fit_routing(inputs, outputs, o_proj_weight, config.num_heads, active, run.settings.head_fallback,
+                          run.fixed_shared, SPEED_WEIGHTS[run.settings.objective])
     del inputs  # the router is fitted: free the inputs before the refit's matrices
     split = routing.split
     run.calibrated.shared_heads[layer_idx], run.calibrated.routed_top_k[layer_idx] = split.shared, split.top_k
@@ -222,7 +222,8 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     module.detach()
     layer.to("meta")  # free this layer's weights before the next one is read
     release_freed_memory()
-    summary = LayerSummary.measured(layer_idx, split.shared, split.top_k, routing.agreement, split.frequency)
+    summary = LayerSummary.measured(layer_idx, split.shared, split.top_k, routing.agreement, split.frequency,
+                                    split.candidates)
     return LayerResult(summary=summary, router_state=router_state, output_projection=output_projection)
 
 
@@ -315,6 +316,7 @@ def write_calibrated_model(folder: Path, calibrated: MoHConfig, results: list[La
     (folder / REPORT_NAME).unlink(missing_ok=True)
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     set_card_section(folder, "Calibration", calibration_card_section(report))
+    refresh_conversion_section(folder, calibrated)
     output_projections = {
         o_proj_name(result.summary.layer): result.output_projection
         for result in results if result.output_projection is not None

@@ -24,6 +24,10 @@ CHAT_MAX_NEW_TOKENS = 400
 # What 'default' stands for: every other use of the default mix follows from this one constant.
 DEFAULT_CALIBRATION_DATA = ["chat:0.5", "self:0.5"]
 GENERATED_SOURCES = ("self", "chat")  # sources the model writes itself (no file or dataset behind them)
+# --objective: how much attention cost weighs against lost attention output when a layer's split is chosen
+# (moh_convert.calibrate.fits.choose_head_split). quality: the least lost output, whatever it costs; speed: layers
+# run a fixed set of heads (no router) wherever that loses little.
+SPEED_WEIGHTS = {"quality": 0.0, "balanced": 0.15, "speed": 0.3}
 
 
 class CalibrationSettings(BaseModel):
@@ -58,6 +62,12 @@ class CalibrationSettings(BaseModel):
         True, description="Refit each layer's output projection (o_proj) by least squares so that the heads a token "
         "keeps make up for the ones it skips (halved the perplexity gap at 6 of 9 heads on SmolLM2). Not done when "
         "'self' is the only source, where it measured worse on real text."
+    )
+    objective: Literal["quality", "balanced", "speed"] = Field(
+        "balanced", description="What each layer's split of shared and routed heads optimises: 'quality' (the least "
+        "attention output lost, whatever the routed heads cost), 'speed' (layers keep a fixed set of heads and skip "
+        "routing where that loses little: fastest), or 'balanced' (default: faster than dense at near-quality). "
+        "Ignored when --shared-heads fixes the split."
     )
     head_allocation: Literal["uniform", "per-layer"] = Field(
         "uniform", description="How many heads each layer keeps active: 'uniform' (the converted model's numbers) or "
