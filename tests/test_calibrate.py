@@ -229,3 +229,10 @@ def test_objective_chooses_static_layers_and_they_run_sparse(tiny_checkpoints, t
         sparse = model(input_ids=input_ids).logits
         masked = model.set_attention_path("masked")(input_ids=input_ids).logits
     torch.testing.assert_close(sparse, masked, atol=1e-4, rtol=0)
+    # `moh push` verifies the per-layer split (a fresh process loads the folder) and keeps it in the card.
+    from moh_convert import hub
+
+    result = hub.push(fast, "me/tiny-static", dry_run=True)
+    assert result.dry_run and not result.load_check_skipped
+    card = next(upload for upload in result.files if upload.path_in_repo == "README.md")
+    assert b"| static layers (fixed heads, no router) | 2 of 2 (0, 1) |" in card.content
