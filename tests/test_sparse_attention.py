@@ -119,35 +119,44 @@ def test_sparse_with_kv_cache_matches_masked_full_forward(model_type, converted_
             torch.testing.assert_close(step_logits[real], reference[:, start:end][real], atol=1e-4, rtol=0)
 
     # generate() end to end: same greedy tokens on both paths.
+    assert_same_greedy_tokens(model, input_ids[:, :12], attention_mask[:, :12], max_new_tokens=5)
+
+
+def assert_same_greedy_tokens(model, input_ids, attention_mask, max_new_tokens):
     generated = {}
     for path in ("sparse", "masked"):
         model.set_attention_path(path)
         with torch.no_grad():
             generated[path] = model.generate(
-                input_ids=input_ids[:, :12], attention_mask=attention_mask[:, :12], max_new_tokens=5,
-                do_sample=False, pad_token_id=0,
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=0,
             )
     assert torch.equal(generated["sparse"], generated["masked"])
 
 
-def calibrated_like_model(tiny_checkpoints, gate_mode):
-    """What calibration produces (per-layer shared heads and top-K, learned router, head fallback), with random
-    router weights so that tokens pick different heads."""
+def routed_model(tiny_checkpoints, seed, **routing):
+    """A MoH model on the tiny llama checkpoint with the given routing config fields and random router (and
+    fallback) weights, so that tokens pick different heads."""
     source_config = AutoConfig.from_pretrained(tiny_checkpoints["llama"])
-    router = "query-norm" if gate_mode == "binary-query-norm" else "learned"
-    config = MoHConfig(
-        text_config=source_config.to_dict(), shared_heads=[[3, 1], [2]], routed_top_k=[1, 2], router=router,
-        gate_mode=gate_mode.removesuffix("-query-norm"), head_fallback=True,
-    )
+    config = MoHConfig(text_config=source_config.to_dict(), **routing)
     dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
     model = MoHForCausalLM(config).eval()
     model.load_state_dict(dense.state_dict(), strict=False)
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".moh." in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator))
     return model
+
+
+def calibrated_like_model(tiny_checkpoints, gate_mode):
+    """What calibration produces: per-layer shared heads and top-K, learned router, head fallback."""
+    router = "query-norm" if gate_mode == "binary-query-norm" else "learned"
+    return routed_model(
+        tiny_checkpoints, 5, shared_heads=[[3, 1], [2]], routed_top_k=[1, 2], router=router,
+        gate_mode=gate_mode.removesuffix("-query-norm"), head_fallback=True,
+    )
 
 
 @pytest.mark.parametrize("gate_mode", ["binary", "softmax", "two-stage", "binary-query-norm"])
@@ -225,21 +234,10 @@ def test_remote_code_copy_runs_its_own_sparse_kernel(converted_half_heads):
 
 def static_layer_model(tiny_checkpoints, head_fallback=False):
     """Layer 0 static (shared heads 0 and 2, one per GQA group, no routed selection: what calibration's speed
-    objective writes), layer 1 routed (top-2 of 4), learned router with random weights."""
-    source_config = AutoConfig.from_pretrained(tiny_checkpoints["llama"])
-    config = MoHConfig(
-        text_config=source_config.to_dict(), shared_heads=[[0, 2], []], routed_top_k=[0, 2], router="learned",
-        head_fallback=head_fallback,
+    objective writes), layer 1 routed (top-2 of 4), learned router."""
+    return routed_model(
+        tiny_checkpoints, 7, shared_heads=[[0, 2], []], routed_top_k=[0, 2], router="learned", head_fallback=head_fallback,
     )
-    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
-    model = MoHForCausalLM(config).eval()
-    model.load_state_dict(dense.state_dict(), strict=False)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".moh." in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 @pytest.mark.parametrize("head_fallback", [False, True])
@@ -269,15 +267,7 @@ def test_static_layer_runs_its_shared_heads_only(tiny_checkpoints, monkeypatch, 
 def test_static_layer_decodes_like_the_masked_path(tiny_checkpoints):
     model = static_layer_model(tiny_checkpoints)
     input_ids, attention_mask, _ = padded_batch()
-    generated = {}
-    for path in ("sparse", "masked"):
-        model.set_attention_path(path)
-        with torch.no_grad():
-            generated[path] = model.generate(
-                input_ids=input_ids[:, :12], attention_mask=attention_mask[:, :12], max_new_tokens=6,
-                do_sample=False, pad_token_id=0,
-            )
-    assert torch.equal(generated["sparse"], generated["masked"])
+    assert_same_greedy_tokens(model, input_ids[:, :12], attention_mask[:, :12], max_new_tokens=6)
 
 
 def test_short_prefills_take_the_dense_kernel_then_gates(converted_half_heads, monkeypatch):
