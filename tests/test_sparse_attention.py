@@ -28,7 +28,7 @@ TEST_ROWS_PER_CALL = 3
 def small_routed_chunks(monkeypatch):
     monkeypatch.setattr(modeling_moh, "ROUTED_ROWS_PER_CALL", TEST_ROWS_PER_CALL)
     # Tiny inputs would otherwise take the dense-then-gate path that short real prefills take.
-    monkeypatch.setattr(modeling_moh, "ROWS_PATH_MIN_SKIPPED_TOKENS", 0)
+    monkeypatch.setattr(modeling_moh, "ROWS_PATH_CHUNK_TOKENS", 0)
 
 
 @pytest.fixture(scope="module")
@@ -273,10 +273,10 @@ def test_static_layer_decodes_like_the_masked_path(tiny_checkpoints):
 def test_short_prefills_take_the_dense_kernel_then_gates(converted_half_heads, monkeypatch):
     """The rows path pays only when enough (token, head) pairs are skipped per routed head; below that a routed
     layer runs the dense kernel and gates, with the same logits."""
-    monkeypatch.setattr(modeling_moh, "ROWS_PATH_MIN_SKIPPED_TOKENS", 1000)
+    monkeypatch.setattr(modeling_moh, "ROWS_PATH_CHUNK_TOKENS", 1600)
     model = AutoModelForCausalLM.from_pretrained(converted_half_heads["llama"]).eval()
-    routing = model.head_routing[0]  # 1 shared + top-1 of 3 routed: two thirds of the routed pairs skipped
-    assert not routing.rows_path_pays(1499) and routing.rows_path_pays(1500)
+    routing = model.head_routing[0]  # 1 shared + top-1 of 3 routed, of 4 heads: 1 + (1 + 1600 / q) < 3.8
+    assert not routing.rows_path_pays(888) and routing.rows_path_pays(889)
     input_ids, attention_mask, position_ids = padded_batch()
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     counter = CountQueryRows(monkeypatch)

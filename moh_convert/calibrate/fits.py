@@ -121,7 +121,7 @@ def attention_cost(num_heads: int, shared: int, top_k: int) -> float:
     """A layer's attention cost on the sparse path relative to the dense layer's: the mean of a long prefill (a
     shared head costs 1/num_heads, a routed selection ROUTED_HEAD_COST/num_heads, never more than dense: the path
     falls back to it) and short inputs (up to ~2000 tokens a layer with routed selections runs the dense kernel and
-    then gates, see modeling_moh.ROWS_PATH_MIN_SKIPPED_TOKENS). A static layer (no routed selection) is just its
+    then gates, see modeling_moh.ROWS_PATH_CHUNK_TOKENS). A static layer (no routed selection) is just its
     shared heads at every length, and needs no router when decoding."""
     if top_k == 0:
         return shared / num_heads

@@ -318,14 +318,14 @@ class MoHHeadRouting(nn.Module):
         )
 
     def rows_path_pays(self, q_len: int) -> bool:
-        """Whether the CPU rows path is faster than the dense kernel then gates for a prefill of q_len tokens: each
-        chunk of routed rows costs two kernel calls, a merge and a mask, which only pay off once enough (token,
-        head) pairs are skipped per routed head (see ROWS_PATH_MIN_SKIPPED_TOKENS). Layers without routed selections
-        always pay (their shared heads are one kernel call)."""
+        """Whether the CPU rows path is faster than the dense kernel then gates for a prefill of q_len tokens: with a
+        routed row costing 1 + ROWS_PATH_CHUNK_TOKENS / q_len dense rows, the layer's shared heads plus its routed
+        selections must cost under 95% of all heads (short prefills, and layers that keep most heads, run dense).
+        Static layers always pay (their shared heads are one kernel call)."""
         if self.is_static:
             return True
-        skipped_share = 1.0 - self.routed_top_k / len(self.routed_heads)
-        return q_len * skipped_share >= ROWS_PATH_MIN_SKIPPED_TOKENS
+        routed_row_cost = 1.0 + ROWS_PATH_CHUNK_TOKENS / max(q_len, 1)
+        return len(self.shared_heads) + routed_row_cost * self.routed_top_k < 0.95 * self.num_heads
 
     def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[tuple | None, list]:
         """Shared heads as (query heads, their key/value heads: one per query head, or each once when the shared
@@ -506,12 +506,12 @@ SPARSE_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 # 64-row query splits (it uses them from 192 rows on), an even share for 2 threads; measured on SmolLM2-135M at 4096
 # tokens, 384 beat 128, 256, 512 and 1024 rows.
 ROUTED_ROWS_PER_CALL = 384
-# Below this many skipped tokens per routed head (prefill length x share of routed heads a token skips), a layer with
-# routed selections runs the dense kernel and then gates (`MoHHeadRouting.rows_path_pays`): the rows path's per-chunk
-# calls and merges cost more than the skipped pairs save. Measured on SmolLM2-135M's attention shape (9 heads, 3
-# key/value heads, head_dim 64, 2 CPU threads): the rows path breaks even with dense at ~2750 tokens for top-6 of 9
-# routed (a third skipped), ~2000 for top-5 of 9, ~1700 for 2 shared + top-2 of 5: 900-1000 skipped tokens each.
-ROWS_PATH_MIN_SKIPPED_TOKENS = 1000
+# The CPU rows path's cost model (`MoHHeadRouting.rows_path_pays`): a routed (token, head) row costs
+# 1 + ROWS_PATH_CHUNK_TOKENS / q_len times a dense row of the dense kernel (each chunk's two kernel calls, merge and
+# span mask are amortised over more keys in longer prefills). Fitted on SmolLM2-135M's attention shape (9 heads, 3
+# key/value heads, head_dim 64, 2 CPU threads): top-6 of 9 routed costs 1.43x dense attention at 1024 tokens, 1.15x
+# at 2048, 0.89-0.93x at 4096.
+ROWS_PATH_CHUNK_TOKENS = 1600
 
 
 def base_attention_function(module: nn.Module):
