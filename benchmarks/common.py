@@ -5,6 +5,7 @@ measurements)."""
 import os
 import platform
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -38,6 +39,31 @@ class PeakAnonymousRss:
         self._thread.join()
         self.peak = max(self.peak, anonymous_rss_bytes())
         self.extra = self.peak - self.start
+
+
+class Clock:
+    """Wall time and this process's CPU time (all threads) of a block. On a machine shared with other jobs the CPU
+    time is the steadier measure of the work done: it does not count the time other processes held the cores."""
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+
+def decode_turn(model, state: tuple, tokens: int, cache_name: str) -> tuple[Clock, tuple]:
+    """`tokens` greedy decoding steps with the KV cache from `state` = (cache, last token ids); returns the Clock
+    of the turn divided per token, and the new state. (The caller holds torch.no_grad(): this module imports no
+    torch.)"""
+    cache, token = state
+    with Clock() as clock:
+        for _ in range(tokens):
+            output = model(input_ids=token, use_cache=True, **{cache_name: cache})
+            cache, token = getattr(output, cache_name), output.logits[:, -1:].argmax(-1)
+    clock.wall, clock.cpu = clock.wall / tokens, clock.cpu / tokens
+    return clock, (cache, token)
 
 
 def machine_description() -> str:

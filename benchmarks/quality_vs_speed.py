@@ -28,7 +28,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,18 +46,6 @@ CHILD_ENV = {
 }
 DECODE_PROMPT = 512
 DECODE_TURNS_PER_ROUND = 8
-
-
-class Clock:
-    """Wall time and this process's CPU time (both threads) of a block. On a shared VM the CPU time is the steadier
-    measure of the work done: it leaves out the time other jobs held the cores."""
-
-    def __enter__(self):
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,20 +88,15 @@ def child(folders: dict[str, str], lengths: list[int], batch: tuple[int, int], r
             order = names[round_index % len(names):] + names[: round_index % len(names)]
             for measure, input_ids in inputs.items():
                 for name in order:
-                    with Clock() as clock:
+                    with common.Clock() as clock:
                         models[name](input_ids=input_ids, logits_to_keep=1, use_cache=False)
                     seconds[name][measure].append((clock.wall, clock.cpu))
             # Decoding in short turns (a fraction of a second per model), order rotated every turn: the models of
             # one turn run under the same machine conditions, and ratios are taken turn by turn.
             for _ in range(DECODE_TURNS_PER_ROUND):
                 for name in names[turn % len(names):] + names[: turn % len(names)]:
-                    cache, token = decode_state[name]
-                    with Clock() as clock:
-                        for _ in range(decode_tokens):
-                            output = models[name](input_ids=token, use_cache=True, **{CACHE: cache})
-                            cache, token = getattr(output, CACHE), output.logits[:, -1:].argmax(-1)
-                    seconds[name]["decode"].append((clock.wall / decode_tokens, clock.cpu / decode_tokens))
-                    decode_state[name] = (cache, token)
+                    clock, decode_state[name] = common.decode_turn(models[name], decode_state[name], decode_tokens, CACHE)
+                    seconds[name]["decode"].append((clock.wall, clock.cpu))
                 turn += 1
             print(f"  round {round_index + 1}/{rounds} done", flush=True)
     times_file.write_text(json.dumps(seconds))

@@ -75,22 +75,10 @@ def random_ids(length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-class Clock:
-    """Wall time and this process's CPU time (all threads) of a block. On a machine shared with other jobs the CPU
-    time is the steadier measure of the work done: it does not count the time other processes held the cores."""
-
-    def __enter__(self):
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
-
-
-def prefill_seconds(model, input_ids) -> tuple[Clock, int]:
+def prefill_seconds(model, input_ids) -> tuple[common.Clock, int]:
     """Wall and CPU time of one prefill, and the extra memory it allocated."""
     gc.collect()
-    with torch.no_grad(), common.PeakAnonymousRss() as memory, Clock() as clock:
+    with torch.no_grad(), common.PeakAnonymousRss() as memory, common.Clock() as clock:
         model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
     return clock, memory.extra
 
@@ -126,22 +114,16 @@ def interleaved_decode(models: dict, prompt, turns: int, tokens_per_turn: int) -
             state[key] = (getattr(output, CACHE), output.logits[:, -1:].argmax(-1))
         for turn in range(turns):
             for key in keys[turn % len(keys):] + keys[: turn % len(keys)]:
-                cache, next_token = state[key]
-                with Clock() as clock:
-                    for _ in range(tokens_per_turn):
-                        output = models[key](input_ids=next_token, use_cache=True, **{CACHE: cache})
-                        cache, next_token = getattr(output, CACHE), output.logits[:, -1:].argmax(-1)
-                clock.wall, clock.cpu = clock.wall / tokens_per_turn, clock.cpu / tokens_per_turn
+                clock, state[key] = common.decode_turn(models[key], state[key], tokens_per_turn, CACHE)
                 clocks[key].append(clock)
-                state[key] = (cache, next_token)
     return clocks
 
 
-def train_step_seconds(model, input_ids) -> Clock:
+def train_step_seconds(model, input_ids) -> common.Clock:
     """Forward + backward with labels in training mode (MoH: the masked path), no optimizer."""
     model.train()
     try:
-        with Clock() as clock:
+        with common.Clock() as clock:
             model(input_ids=input_ids, labels=input_ids).loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
