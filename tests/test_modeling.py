@@ -235,10 +235,30 @@ def test_dropping_unselected_heads_equals_gating_them(router):
     # A zero fallback (calibration's default) is recognised once and skipped; changing it in place is noticed.
     assert not routing.fallback_in_use()
     with torch.no_grad():
+        expected = routing.gate_head_outputs(per_head, gates, routed_mask)
         torch.testing.assert_close(
-            routing.drop_unselected_heads(per_head.clone(), hidden_states, queries),
-            routing.gate_head_outputs(per_head, gates, routed_mask), atol=0, rtol=0,
+            routing.drop_unselected_heads(per_head.clone(), hidden_states, queries), expected, atol=0, rtol=0,
         )
+        # One token of one sequence (decoding) takes its own in-place path: the same heads are dropped.
+        for batch_row, token in ((0, 0), (1, 17), (1, 29)):
+            one = (slice(batch_row, batch_row + 1), slice(token, token + 1))
+            torch.testing.assert_close(
+                routing.drop_unselected_heads(per_head[one].clone(), hidden_states[one], queries[one]),
+                expected[one], atol=0, rtol=0,
+            )
+    if router == "learned":
+        # The router changed in place (an optimizer step): the next inference call routes with the new weights.
+        with torch.no_grad():
+            routing.router.routed_proj.weight.mul_(-1.0)
+        routing.record_routing = True
+        gates, routed_mask = routing.head_gates(hidden_states, queries)
+        routing.record_routing = False
+        with torch.no_grad():
+            torch.testing.assert_close(
+                routing.drop_unselected_heads(per_head.clone(), hidden_states, queries),
+                routing.gate_head_outputs(per_head, gates, routed_mask), atol=0, rtol=0,
+            )
+    with torch.no_grad():
         routing.head_fallback.normal_(generator=generator)
     assert routing.fallback_in_use()
     with torch.no_grad():

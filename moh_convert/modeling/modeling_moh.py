@@ -217,12 +217,12 @@ class MoHHeadRouting(nn.Module):
                 self._index_cache[key] = torch.tensor(heads, dtype=torch.long, device=device)
         return self._index_cache[key]
 
-    def _head_rows(self, which: str, head_dim: int, device: torch.device) -> torch.Tensor:
-        """[heads, head_dim] long: row j holds the id of head j ("all") or of the j-th routed head ("routed"), so
-        that an embedding lookup turns head ids or routed positions into a scatter index over head_dim."""
-        key = ("rows", which, head_dim, device)
+    def _head_rows(self, head_dim: int, device: torch.device) -> torch.Tensor:
+        """[num_heads, head_dim] long: row j holds j, so that an embedding lookup turns head ids into a scatter index
+        over head_dim."""
+        key = ("rows", head_dim, device)
         if key not in self._index_cache:
-            heads = list(range(self.num_heads)) if which == "all" else self.routed_heads
+            heads = list(range(self.num_heads))
             self._index_cache[key] = torch.tensor(heads, device=device).unsqueeze(1).repeat(1, head_dim)
         return self._index_cache[key]
 
@@ -439,30 +439,49 @@ class MoHHeadRouting(nn.Module):
                 return per_head.index_fill(2, routed_index, 0.0)
             return per_head.index_fill_(2, routed_index, 0.0)
         num_dropped = len(self.routed_heads) - self.routed_top_k
-        head_dim = per_head.shape[-1]
         if self.router_uses_query:
             norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32)  # [batch, seq, num_heads]
             scores = norms + self._head_index("shared-protection", queries.device)
-            dropped = scores.topk(num_dropped, dim=-1, largest=False).indices  # head ids
-            head_rows = self._head_rows("all", head_dim, queries.device)
         else:
-            projection = self.router.routed_proj
-            logits = F.linear(hidden_states, projection.weight, projection.bias)  # skips the module call
-            dropped = logits.topk(num_dropped, dim=-1, largest=False).indices  # positions among the routed heads
-            head_rows = self._head_rows("routed", head_dim, hidden_states.device)
-        # [batch, seq, num_dropped, head_dim]: each dropped head's id, repeated along head_dim (scatter's index)
-        index = F.embedding(dropped, head_rows)
-        if not self.fallback_in_use():
-            replacement = 0.0
-        elif self.router_uses_query:
+            # One product gives scores over every head, +inf at the shared ones: top-K of the lowest are head ids.
+            weight, bias = self.scores_over_all_heads(hidden_states)
+            scores = F.linear(hidden_states, weight, bias)
+        dropped = scores.topk(num_dropped, dim=-1, largest=False).indices  # [batch, seq, num_dropped] head ids
+        if self.fallback_in_use():
+            # [batch, seq, num_dropped, head_dim]: each dropped head's id along head_dim (scatter's index)
+            index = F.embedding(dropped, self._head_rows(per_head.shape[-1], per_head.device))
             replacement = F.embedding(dropped, self.head_fallback).to(per_head.dtype)
-        else:
-            routed_fallback = self.head_fallback.index_select(0, self._head_index("routed", per_head.device))
-            replacement = F.embedding(dropped, routed_fallback).to(per_head.dtype)
+            return per_head.scatter(2, index, replacement) if torch.is_grad_enabled() else per_head.scatter_(2, index, replacement)
         # In place unless autograd is recording (the kernel may have saved this very tensor for its backward).
         if torch.is_grad_enabled():
-            return per_head.scatter(2, index, replacement)
-        return per_head.scatter_(2, index, replacement)
+            return per_head * per_head.new_ones(*dropped.shape[:2], self.num_heads, 1).scatter_(2, dropped.unsqueeze(-1), 0.0)
+        if dropped.shape[0] * dropped.shape[1] == 1 and per_head.is_contiguous():
+            # One token (decoding one sequence): one op on the [num_heads, head_dim] view.
+            per_head.view(self.num_heads, -1).index_fill_(0, dropped.view(-1), 0.0)
+            return per_head
+        # Zero gates for the dropped heads, [batch, seq, num_heads, 1]: small, then one pass over per_head.
+        keep = per_head.new_ones(*dropped.shape[:2], self.num_heads, 1).scatter_(2, dropped.unsqueeze(-1), 0.0)
+        return per_head.mul_(keep)
+
+    def scores_over_all_heads(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned router's projection widened to every head, for `drop_unselected_heads`: weight [num_heads,
+        hidden] (routed heads' rows; zeros at shared heads) and bias [num_heads] (+inf at shared heads, so that they
+        are never among the lowest scores). Rebuilt when the router's tensors change (training bumps their version)."""
+        projection = self.router.routed_proj
+        bias = projection.bias
+        # Identity (not equality) of the router's tensors, their versions and the compute dtype.
+        key = (id(projection.weight), projection.weight.data_ptr(), projection.weight._version,
+               None if bias is None else (bias.data_ptr(), bias._version), hidden_states.dtype, hidden_states.device)
+        cached = self._index_cache.get("all-heads")
+        if cached is None or cached[0] != key:
+            routed_index = self._head_index("routed", hidden_states.device)
+            weight = projection.weight.new_zeros(self.num_heads, projection.in_features)
+            weight = weight.index_copy(0, routed_index, projection.weight.detach()).to(hidden_states.dtype)
+            full_bias = self._head_index("shared-protection", hidden_states.device).clone()
+            if bias is not None:
+                full_bias = full_bias.index_copy(0, routed_index, bias.detach().float())
+            cached = self._index_cache["all-heads"] = (key, weight, full_bias.to(hidden_states.dtype))
+        return cached[1], cached[2]
 
     def gate_head_outputs(
         self, per_head: torch.Tensor, gates: torch.Tensor, routed_mask: torch.Tensor | None
