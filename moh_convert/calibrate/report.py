@@ -44,7 +44,8 @@ def method_description(settings: CalibrationSettings) -> str:
         "heads by oracle keep frequency, their number chosen by held-back reconstruction error "
         f"(objective {settings.objective}: + {SPEED_WEIGHTS[settings.objective]} x attention cost); ridge linear "
         "router on the attention input"
-        + ("; o_proj refitted by least squares to the dense output" if settings.refit_output_projection else "")
+        + (f"; o_proj refitted by least squares to the dense output (ridge {settings.output_ridge})"
+           if settings.refit_output_projection else "")
     )
 
 

@@ -25,7 +25,7 @@ from ..modeling.modeling_moh import MoHHeadRouting
 from .allocation import ALLOCATION_TOKENS, allocate_active_heads, minimum_active_heads, oracle_loss_curves
 from .data import CalibrationMix, load_calibration_mix
 from .device import CALIBRATION_DTYPES, describe_device, peak_device_memory_mb, place, resolve_calibration_device
-from .fits import OUTPUT_RIDGE, fit_routing, refit_output_projection, routed_head_outputs
+from .fits import fit_routing, refit_output_projection, routed_head_outputs
 from .layers import head_outputs_and_inputs, record_layer_inputs, run_layer, stream_loss
 from .memory import release_freed_memory, return_large_blocks_to_the_os
 from .report import LayerSummary, build_report, calibration_card_section
@@ -199,7 +199,7 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     output_projection = None
     if run.refit and active < config.num_heads:  # step 6
         seen = routed_head_outputs(outputs, config.num_heads, routing)
-        refitted = refit_output_projection(seen, outputs, o_proj_weight, OUTPUT_RIDGE)
+        refitted = refit_output_projection(seen, outputs, o_proj_weight, run.settings.output_ridge)
         del seen
         attention.o_proj.weight.copy_(refitted)
         output_projection = save_output_projection(run.refit_dir, layer_idx, refitted.to(device="cpu", dtype=run.dtype))

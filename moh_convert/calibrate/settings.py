@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import MoHError
 from ..model_card import CALIBRATION_REPORT
+from .fits import OUTPUT_RIDGE
 
 REPORT_NAME = CALIBRATION_REPORT  # written next to the calibrated model; the model card reads it under this name
 # A model's own samples at temperature 1 are easier text than real text; sampling a little hotter gives calibration
@@ -62,6 +63,11 @@ class CalibrationSettings(BaseModel):
         True, description="Refit each layer's output projection (o_proj) by least squares so that the heads a token "
         "keeps make up for the ones it skips (halved the perplexity gap at 6 of 9 heads on SmolLM2). Not done when "
         "'self' is the only source, where it measured worse on real text."
+    )
+    output_ridge: float = Field(
+        OUTPUT_RIDGE, ge=0, description="How strongly the refitted output projection stays near the original (ridge "
+        "strength relative to the mean squared head output): larger keeps more of the source model and fits the "
+        "calibration text less closely."
     )
     objective: Literal["quality", "balanced", "speed"] = Field(
         "balanced", description="What each layer's split of shared and routed heads optimises: 'quality' (the least "
