@@ -14,9 +14,9 @@ import torch
 
 CHECK_TOKENS = 4096  # calibration tokens set aside (per layer) to choose how many heads to share
 RIDGE = 1e-2  # ridge strength, relative to the mean diagonal of X^T X
-# Pull of the refitted o_proj towards the original, relative to the mean diagonal of X^T X. 0.1 rather than 0.01: on
-# SmolLM2 calibrated on WikiText-2 (6/9) it measured better on every kind of held-out text (prose, chat, math, code;
-# BENCHMARKS.md, "Quality by kind of text"), and at 5/9 and 7/9 on held-out WikiText; 1.0 was worse on all of them.
+# Pull of the refitted o_proj towards the original, relative to the mean diagonal of X^T X (`--output-ridge`). 0.1
+# rather than 0.01: SmolLM2 calibrated on WikiText-2 measured better on every kind of held-out text (prose, chat, math,
+# code) at 6/9 and 7/9 and the same on average at 5/9; 1.0 was worse (BENCHMARKS.md, "Output projection ridge").
 OUTPUT_RIDGE = 1e-1
 # The cost model of the speed-aware split (see `attention_cost`): on the CPU sparse path a routed (token, head) pair
 # costs more than a shared head's (chunks of gathered rows, two kernel calls and a merge each). Measured on
