@@ -7,9 +7,11 @@ against distillation from the dense model, at the same budget of CPU minutes and
 
 Models (converted here unless given): paper = `moh convert --active-heads 6 --no-calibration` (first 4 heads
 shared, query-norm router); calibrated = `moh convert --active-heads 6` (the default calibration). Every run trains
-all weights on the same text, the same steps and tokens: text the dense model writes itself (`data: {generate:
-default}`: chat replies to the shipped prompts and free samples, written once here and given to every run as the
-same file; none of it is evaluation text). Objectives: lm = next-token loss; distill = KL(dense || MoH) of the
+--trainable (default: the attention blocks) on the same text, the same steps and tokens. Text (--data): mix (default)
+= four kinds interleaved, ~--generate-tokens each (benchmarks/training_mix.py: WikiText-2 valid articles, GSM8K train
+solutions, modules of installed packages, and text the dense model writes itself); teacher = only the text the dense
+model writes (`data: {generate: default}`: chat replies to the shipped prompts and free samples). Written once here
+and given to every run as the same file; none of it is evaluation text. Objectives: lm = next-token loss; distill = KL(dense || MoH) of the
 next-token distributions (temperature 1, `distill: {}` with the dense folder as teacher). The step count comes from
 the budget and one timed distillation step (the dearer objective), so both objectives get the same tokens and lm
 runs finish sooner. Quality: perplexity on the first --test-windows 512-token windows of WikiText-2 test, before and
@@ -38,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 from benchmarks import common  # noqa: E402
 from benchmarks.calibration_quality import run_child, smollm2_source, write_section  # noqa: E402
+from benchmarks.training_mix import write_training_mix  # noqa: E402
 
 MARKERS = ("<!-- train_recovery:start -->", "<!-- train_recovery:end -->")
 PLOT = REPO_ROOT / "benchmarks" / "train_recovery.png"
@@ -85,7 +88,8 @@ def recipe_for(model: Path, run_dir: Path, text: Path, data_dir: Path, args, ste
         "seq_len": args.seq_len, "max_steps": steps, "global_batch_tokens": args.global_batch_tokens,
         "micro_batch_size": args.micro_batch_size, "learning_rate": args.learning_rate,
         "final_learning_rate": args.final_learning_rate, "warmup_steps": 1 if steps > 2 else 0,
-        "eval_windows": 8, "eval_every": max(1, steps // 6), "trainable": "all",
+        "eval_windows": 8, "eval_every": max(1, steps // 6), "trainable": args.trainable,
+        "load_balance_coef": args.load_balance_coef,
     }
     if objective == "distill":
         recipe["distill"] = {"teacher": str(teacher)}
@@ -124,6 +128,10 @@ def main():
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--final-learning-rate", type=float, default=1e-5)
+    parser.add_argument("--trainable", default="attention", choices=["all", "attention", "routers", "lora"])
+    parser.add_argument("--load-balance-coef", type=float, default=0.01)
+    parser.add_argument("--data", default="mix", choices=["mix", "teacher"],
+                        help="mix: four kinds of text (prose, math, code, teacher-written); teacher: teacher-written only")
     parser.add_argument("--steps", type=int, default=None, help="fix the step count instead of deriving it")
     parser.add_argument("--work-dir", default=str(REPO_ROOT / "bench-output" / "train_recovery"))
     parser.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"))
@@ -150,6 +158,13 @@ def main():
         started = time.perf_counter()
         run_child(GENERATE_CHILD, str(dense), str(text), str(args.generate_tokens), str(args.seq_len))
         print(f"  {time.perf_counter() - started:.0f} s", flush=True)
+    if args.data == "mix":
+        from transformers import AutoTokenizer
+
+        mix = work_dir / "training-mix.jsonl"
+        counts = write_training_mix(AutoTokenizer.from_pretrained(dense), data_dir, text, mix, args.generate_tokens)
+        print(f"Training mix: {counts} documents of prose, math, code and teacher text", flush=True)
+        text = mix
 
     steps = args.steps
     if steps is None:  # one timed distillation run of 2 steps (teacher forward + student forward/backward)
@@ -181,7 +196,7 @@ def main():
 
     # Training throughput of the dense model on the same text (a short lm run).
     dense_metrics, _ = train_run({**recipe_for(dense, work_dir / "run-dense-speed", text, data_dir, args, 4, "lm", dense),
-                                  "eval_windows": 0, "eval_every": 0}, work_dir, "dense-speed")
+                                  "eval_windows": 0, "eval_every": 0, "trainable": "all"}, work_dir, "dense-speed")
     dense_tokens_per_s = statistics.median(m["tokens_per_s"] for m in dense_metrics[1:])
     kinds_rows = [row for row in rows if f"{row['model']}:{row['objective']}" in args.kinds_for]
     kinds = run_child(KINDS_CHILD, str(REPO_ROOT), str(data_dir), json.dumps(
@@ -221,7 +236,7 @@ def plot(rows: list[dict], dense_ppl: float, path: Path) -> None:
 
 def section_lines(rows: list[dict], args, dense_ppl: float, dense_tokens_per_s: float, steps: int) -> list[str]:
     command = "python benchmarks/train_recovery.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
-    labels = {"paper": "MoH 6/9, paper conversion (query-norm)", "calibrated": "MoH 6/9, calibrated (default data)"}
+    labels = {"paper": "MoH 6/9, paper conversion (query-norm)", "calibrated": "MoH 6/9, calibrated"}
     kinds = ["prose", "chat", "math", "code"]
     lines = [
         "## Training recovery on CPU: next-token loss against distillation (SmolLM2-135M-Instruct, 6 of 9 heads)",
@@ -232,10 +247,13 @@ def section_lines(rows: list[dict], args, dense_ppl: float, dense_tokens_per_s: 
          if args.steps is None else f"- Budget: fixed at {steps} optimizer steps of ")
         + f"{args.global_batch_tokens} tokens ({rows[0]['tokens']:,} tokens; sequences of {args.seq_len}, micro-batch "
         f"{args.micro_batch_size}){' by timing distillation steps' if args.steps is None else ''}; every run gets the same steps and tokens of the same "
-        f"text: {args.generate_tokens:,} tokens the dense model wrote itself (`data: {{generate: default}}`).",
-        f"- Recipe: `moh train`, trainable all, AdamW, LR {args.learning_rate:g} -> {args.final_learning_rate:g} "
-        "(1 warmup step, cosine), load-balance beta 0.01. distill: `distill: {teacher: <dense folder>}` (KL at T=1, "
-        "no next-token loss); lm: the plain next-token loss.",
+        + (f"text: four kinds interleaved, about {args.generate_tokens:,} tokens each (benchmarks/training_mix.py: "
+           "WikiText-2 valid articles, GSM8K train solutions, modules of installed packages, text the dense model "
+           "wrote itself; none of it is evaluation text)." if args.data == "mix" else
+           f"text: {args.generate_tokens:,} tokens the dense model wrote itself (`data: {{generate: default}}`)."),
+        f"- Recipe: `moh train`, trainable {args.trainable}, AdamW, LR {args.learning_rate:g} -> "
+        f"{args.final_learning_rate:g} (1 warmup step, cosine), load-balance beta {args.load_balance_coef:g}. "
+        "distill: `distill: {teacher: <dense folder>}` (KL at T=1, no next-token loss); lm: the plain next-token loss.",
         f"- Perplexity: WikiText-2 test, first {args.test_windows} 512-token windows; ratios to the untouched dense "
         f"model ({dense_ppl:.2f}). Kinds: {args.kinds_windows} windows each (benchmarks/domain_quality.py), ratio to the dense model.",
         "",
@@ -251,7 +269,7 @@ def section_lines(rows: list[dict], args, dense_ppl: float, dense_tokens_per_s: 
             f"| {labels[row['model']]} | {row['objective']} | {row['before']:.2f} | {row['after']:.2f} | "
             f"{row['after'] / dense_ppl:.3f}x | {kind_cells} | {row['train_seconds']:.0f} | {row['tokens_per_s']:.1f} |")
     lines += ["", f"Dense model training throughput on the same text and settings (plain next-token loss): "
-              f"{dense_tokens_per_s:.1f} tokens/s.", "",
+              f"{dense_tokens_per_s:.1f} tokens/s (all weights trained).", "",
               "![held-out perplexity against training tokens](benchmarks/train_recovery.png)"]
     return lines
 

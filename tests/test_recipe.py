@@ -37,7 +37,7 @@ def no_model_loading(monkeypatch):
         ({"max_tokens": 1000}, "max_tokens", "exactly one"),
         ({"warmup_steps": 6}, "warmup_steps", "below the 6 training steps"),
         ({"trainable": "routers"}, "trainable", "parameter-free"),
-        ({"trainable": "everything"}, "trainable", "'all', 'routers' or 'lora'"),
+        ({"trainable": "everything"}, "trainable", "'all', 'attention', 'routers' or 'lora'"),
         ({"trainable": "lora", "lora": {"save": "adapter", "target_modules": ["o_proj"]}}, "lora.target_modules",
          "o_proj"),
     ],

@@ -216,6 +216,8 @@ def test_trainable_routers_and_lora_save_models_that_load_without_the_toolkit(ti
     source = tiny_moh["learned"]
     routers = moh_train.train(tiny_recipe(source, tiny_moh["text"], tmp_path / "routers", trainable="routers",
                                           max_steps=3, warmup_steps=0, eval_every=0))
+    attention = moh_train.train(tiny_recipe(source, tiny_moh["text"], tmp_path / "attention", trainable="attention",
+                                            max_steps=2, warmup_steps=0, eval_windows=0))
     lora = moh_train.train(tiny_recipe(source, tiny_moh["text"], tmp_path / "lora", trainable="lora", max_steps=3,
                                        warmup_steps=0, eval_every=0, lora={"r": 4, "alpha": 8}))
     adapter = moh_train.train(tiny_recipe(source, tiny_moh["text"], tmp_path / "adapter", trainable="lora",
@@ -229,6 +231,13 @@ def test_trainable_routers_and_lora_save_models_that_load_without_the_toolkit(ti
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(".moh." in name for name in changed), sorted(changed)[:5]
 
+    # attention: the attention blocks' projections and routers moved; MLPs, norms and embeddings did not
+    after = tensors(attention)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert all(".self_attn." in name for name in changed), sorted(changed)[:5]
+    assert {name.split(".")[-2] for name in changed} >= {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert any(".moh." in name for name in changed)
+
     # lora, merged: same tensor names as a converted model, the adapted projections (not o_proj) changed
     after = tensors(lora)
     assert after.keys() == before.keys()
@@ -236,7 +245,7 @@ def test_trainable_routers_and_lora_save_models_that_load_without_the_toolkit(ti
     assert {"q_proj", "v_proj", "down_proj"} <= changed and "o_proj" not in changed, changed
 
     # both folders are laid out like `moh convert` output and carry a Training section
-    for folder in (routers, lora):
+    for folder in (routers, attention, lora):
         config = json.loads((folder / "config.json").read_text())
         assert config["model_type"] == "moh" and config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_moh")
         assert (folder / "modeling_moh.py").read_bytes() == (REPO / "moh_convert/modeling/modeling_moh.py").read_bytes()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from moh_convert import MoHError
 from moh_convert.cli import main as moh_main
 from moh_convert.train import train
-from moh_convert.train.distill import distillation_losses
+from moh_convert.train.distill import distillation_losses, next_token_loss
 from moh_convert.train.recipe import DistillSettings
 
 from .test_train import KILL_AFTER_FIRST_CHECKPOINT
@@ -41,6 +41,17 @@ def test_losses_are_zero_when_the_student_is_the_teacher(tiny_checkpoints):
                                           outputs.logits.flatten(0, 1).log_softmax(-1), log_target=True,
                                           reduction="batchmean")
     assert distillation_losses(shifted, outputs, DistillSettings()).kl.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_logged_next_token_loss_is_the_models_own(tiny_checkpoints):
+    """Distilling without a next-token term logs `loss` computed outside the graph: the same number as the model's
+    loss with labels (metrics stay comparable with plain training runs)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    outputs = model(input_ids=ids, labels=ids)
+    logged = next_token_loss(outputs.logits, ids)
+    assert not logged.requires_grad
+    assert logged.item() == pytest.approx(outputs.loss.item(), rel=1e-6)
 
 
 def test_distillation_from_the_recorded_source_lowers_the_kl(tiny_moh, tmp_path):
@@ -132,11 +143,12 @@ def test_generated_training_text_is_written_once_and_reused_on_resume(tiny_moh, 
     assert calls == [1] and (run / "generated-text.jsonl").read_bytes() == before
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-moh-distill.yaml", "llama3-8b-moh75-distill.yaml"])
-def test_shipped_distillation_recipes_parse(name):
+@pytest.mark.parametrize("name, trainable", [("smollm2-135m-moh-distill.yaml", "attention"),
+                                             ("llama3-8b-moh75-distill.yaml", "all")])
+def test_shipped_distillation_recipes_parse(name, trainable):
     from moh_convert.train.recipe import load_recipe
 
     from .train_helpers import REPO
 
     recipe = load_recipe(REPO / "recipes" / name)
-    assert recipe.distill is not None and recipe.distill.kl_weight == 1.0 and recipe.trainable == "all"
+    assert recipe.distill is not None and recipe.distill.kl_weight == 1.0 and recipe.trainable == trainable

@@ -81,6 +81,13 @@ def load_teacher(source: str, settings: DistillSettings, device: torch.device, v
     return Teacher(model, source, dtype, time.perf_counter() - started, megabytes)
 
 
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The plain next-token loss for the log, without a graph: what the model's own loss with labels=input_ids
+    gives (every token of a packed sequence is a label), when distillation does not train on it."""
+    with torch.no_grad():
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
 @dataclass
 class DistillLosses:
     kl: torch.Tensor  # mean per token of KL(teacher || student) at the temperature, times T^2

@@ -25,7 +25,7 @@ from ..model_folder import OutputLock, check_output_location, prepare_output_par
 from ..modeling.modeling_moh import routing_modules
 from ..perplexity import perplexity
 from .checkpoints import CHECKPOINTS_DIR, remove_unfinished_checkpoints, resume_point, save_checkpoint
-from .distill import Teacher, distillation_losses, load_teacher
+from .distill import Teacher, distillation_losses, load_teacher, next_token_loss
 from .generated_text import generated_data_source
 from .losses import routing_losses
 from .metrics import MetricsLog, RunOutcome, training_summary
@@ -180,25 +180,31 @@ def optimizer_step(accelerator, model, optimizer, routings: list, rows: torch.Te
     for micro_batch in rows.split(recipe.micro_batch_size):
         with accelerator.accumulate(model):  # syncs gradients (and steps) only on the last micro-batch
             micro_batch = micro_batch.to(accelerator.device)
-            outputs = model(input_ids=micro_batch, labels=micro_batch, output_hidden_states=with_hidden)
+            # Distilling without a next-token term: that loss is only logged, so it stays out of the graph (its
+            # backward is a [tokens, vocabulary] pass of its own).
+            lm_in_graph = teacher is None or distill.lm_loss_weight > 0
+            outputs = model(input_ids=micro_batch, labels=micro_batch if lm_in_graph else None,
+                            output_hidden_states=with_hidden)
+            lm_loss = outputs.loss if lm_in_graph else next_token_loss(outputs.logits, micro_batch)
             aux = routing_losses(routings, plan.aux_loss, with_z_loss=plan.router_z_loss_coef > 0)
             loss = plan.load_balance_coef * aux.load_balance_loss + plan.router_z_loss_coef * aux.z_loss
             if teacher is None:
-                loss = loss + outputs.loss
+                loss = loss + lm_loss
                 kd = None
             else:
                 with torch.no_grad():
                     teacher_outputs = teacher.model(input_ids=micro_batch, output_hidden_states=with_hidden)
                 kd = distillation_losses(outputs, teacher_outputs, distill)
-                loss = loss + distill.lm_loss_weight * outputs.loss + distill.kl_weight * kd.kl \
-                    + distill.hidden_states_weight * kd.hidden
+                loss = loss + distill.kl_weight * kd.kl + distill.hidden_states_weight * kd.hidden
+                if lm_in_graph:
+                    loss = loss + distill.lm_loss_weight * lm_loss
             accelerator.backward(loss)  # divided by gradient_accumulation_steps inside
             if accelerator.sync_gradients and recipe.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
         distill_values = [kd.kl.item(), kd.hidden.item()] if kd is not None else [0.0, 0.0]
-        sums += torch.tensor([outputs.loss.item(), *aux.values(), *distill_values], dtype=torch.float64)
+        sums += torch.tensor([lm_loss.item(), *aux.values(), *distill_values], dtype=torch.float64)
     # Every micro-batch has the same token count, so the mean of their means is the global batch's mean.
     means = accelerator.reduce(sums.to(accelerator.device) / plan.gradient_accumulation_steps, "mean").cpu()
     return StepLosses(*means.tolist())

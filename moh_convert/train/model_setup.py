@@ -1,4 +1,4 @@
-"""The model for training: loaded in float32, what the optimizer updates (all | routers | LoRA), AdamW and the
+"""The model for training: loaded in float32, what the optimizer updates (all | attention | routers | LoRA), AdamW and the
 learning-rate schedule."""
 import math
 
@@ -44,6 +44,13 @@ def make_trainable(model, recipe: TrainRecipe, plan: TrainingPlan):
     if recipe.trainable == "routers":
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(is_router_parameter(name))
+        return model
+    if recipe.trainable == "attention":
+        # MoH changed only the attention blocks (which heads run, the refitted o_proj, the router): training them
+        # alone skips the weight gradients of the MLPs and of the tied embedding/LM head.
+        model.requires_grad_(False)
+        for routing in routing_modules(model):
+            routing.attention_block.requires_grad_(True)  # its router is a submodule of the block
         return model
     from peft import LoraConfig, get_peft_model
 

@@ -182,9 +182,11 @@ def check_trainable(recipe: TrainRecipe, model_folder: str, config: dict, text_c
     """Checks `trainable` (and `lora`) against the model; returns the LoRA target modules (None without LoRA)."""
     is_moh = config.get("model_type") == "moh"
     router = config.get("router") if is_moh else None
+    if recipe.trainable in ("routers", "attention") and not is_moh:
+        what = "routers" if recipe.trainable == "routers" else "MoH attention blocks"
+        raise MoHError(f"recipe key 'trainable': {model_folder} is not a MoH model, so it has no {what}; use 'all' "
+                       "or 'lora'")
     if recipe.trainable == "routers":
-        if not is_moh:
-            raise MoHError(f"recipe key 'trainable': {model_folder} is not a MoH model, so it has no routers")
         if router != "learned" and not config.get("head_fallback"):
             raise MoHError(
                 "recipe key 'trainable': 'routers' needs router parameters, but this model's router is "

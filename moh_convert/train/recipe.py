@@ -110,7 +110,11 @@ class TrainRecipe(BaseModel):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ... (default: auto).")
-    trainable: Literal["all", "routers", "lora"] = Field("all", description="What the optimizer updates.")
+    trainable: Literal["all", "attention", "routers", "lora"] = Field(
+        "all", description="What the optimizer updates: all weights; attention (every MoH attention block: query, "
+        "key, value and output projections and the router; the MLPs, norms and embeddings stay as they are); "
+        "routers (learned routers / head fallbacks only); lora (peft adapters)."
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     aux_loss: Literal["auto", "moh", "moa", "none"] = Field(
         "auto",
