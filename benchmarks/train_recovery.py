@@ -126,8 +126,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--global-batch-tokens", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--final-learning-rate", type=float, default=1e-5)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--final-learning-rate", type=float, default=5e-5)
     parser.add_argument("--trainable", default="attention", choices=["all", "attention", "routers", "lora"])
     parser.add_argument("--load-balance-coef", type=float, default=0.01)
     parser.add_argument("--data", default="mix", choices=["mix", "teacher"],

@@ -33,7 +33,7 @@ def prose_documents(data_dir: Path) -> list[str]:
 
 
 def math_documents(data_dir: Path) -> list[str]:
-    rows = [json.loads(line) for line in (data_dir / "eval" / "gsm8k_train.jsonl").read_text().splitlines() if line]
+    rows = [json.loads(line) for line in (data_dir / "eval" / "gsm8k_train.jsonl").read_text().split("\n") if line]
     return [f"Question: {row['question']}\nAnswer: {row['answer']}" for row in rows]
 
 
@@ -55,7 +55,7 @@ def code_documents(seed: int = 0) -> list[str]:
 
 
 def teacher_documents(teacher_text: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in teacher_text.read_text().splitlines() if line.strip()]
+    return [json.loads(line)["text"] for line in teacher_text.read_text().split("\n") if line.strip()]
 
 
 def _take(tokenizer, documents: list[str], tokens: int) -> list[str]:
