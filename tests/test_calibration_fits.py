@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from moh_convert.calibrate.fits import (
-    OUTPUT_RIDGE, RIDGE, HeadSplit, RidgeRouterFit, attention_cost, candidate_shared_counts, choose_head_split,
-    head_importance, refit_output_projection,
+    OUTPUT_RIDGE, RIDGE, HeadSplit, RidgeRouterFit, SplitCandidate, attention_cost, candidate_shared_counts,
+    choose_head_split, head_importance, refit_output_projection, split_score,
 )
+from moh_convert.calibrate.settings import SPEED_WEIGHTS
 
 
 def ridge_lstsq(design: torch.Tensor, targets: torch.Tensor, strength: float, penalised: int) -> torch.Tensor:
@@ -102,9 +103,26 @@ def test_attention_cost_model():
     assert attention_cost(9, 0, 9) == 1.0
 
 
+def test_balanced_objective_is_relative_in_the_lost_output():
+    """The balanced objective takes a static layer (cost 6/9) over a routed one (top-6 of 9) when it loses a few
+    percent more output, never when it loses twice as much, and decides the same whether the layer's errors are small
+    or large shares of its output (additive scores let small-error layers go static at any ratio: a 2x regression)."""
+    weight = SPEED_WEIGHTS["balanced"]
+    routed_cost, static_cost = attention_cost(9, 0, 6), attention_cost(9, 6, 0)
+    for scale in (0.01, 0.1, 1.0):
+        routed = SplitCandidate(0, 0.5 * scale, routed_cost)
+        assert split_score(SplitCandidate(6, 0.5 * scale * 1.05, static_cost), weight) < split_score(routed, weight)
+        assert split_score(SplitCandidate(6, 0.5 * scale * 1.2, static_cost), weight) > split_score(routed, weight)
+        assert split_score(SplitCandidate(6, 0.5 * scale * 2.0, static_cost), weight) > split_score(routed, weight)
+    # quality: the least lost output, whatever it costs; speed: more lost output for the static layer than balanced.
+    assert split_score(SplitCandidate(6, 0.501, static_cost), 0.0) > split_score(SplitCandidate(0, 0.5, routed_cost), 0.0)
+    assert split_score(SplitCandidate(6, 0.75, static_cost), SPEED_WEIGHTS["speed"]) < split_score(
+        SplitCandidate(0, 0.5, routed_cost), SPEED_WEIGHTS["speed"])
+
+
 def test_speed_weight_trades_lost_output_for_static_layers():
-    """Heads of similar importance: routing loses a little less output than a fixed set of heads, so the quality
-    objective routes, and a speed weight makes the layer static (every active head shared, no router)."""
+    """Heads whose importance the input predicts: routing loses less output than a fixed set of heads, so the quality
+    objective routes, and a large enough speed weight makes the layer static (every active head shared, no router)."""
     torch.manual_seed(4)
     num_tokens, hidden, num_heads, head_dim, active = 800, 8, 4, 2, 3
     inputs = torch.randn(num_tokens, hidden)
@@ -124,7 +142,7 @@ def test_speed_weight_trades_lost_output_for_static_layers():
     assert min(quality.candidates, key=lambda c: c.cost).shared == active
     assert quality.candidates[[c.shared for c in quality.candidates].index(len(quality.shared))].error == min(
         c.error for c in quality.candidates)
-    speed = choose_head_split(*arguments, speed_weight=10.0)
+    speed = choose_head_split(*arguments, speed_weight=100.0)  # routing loses ~25x less here: a large weight
     assert speed.top_k == 0 and len(speed.shared) == active
     # Fixed by the user: no candidates, no objective.
     assert choose_head_split(*arguments[:-1], 1, speed_weight=10.0).shared.__len__() == 1

@@ -42,7 +42,7 @@ def method_description(settings: CalibrationSettings) -> str:
     return (
         f"sequential per-layer: importance ||(h_i - f_i) W_O^i|| with {settings.head_fallback} fallback f; shared "
         "heads by oracle keep frequency, their number chosen by held-back reconstruction error "
-        f"(objective {settings.objective}: + {SPEED_WEIGHTS[settings.objective]} x attention cost); ridge linear "
+        f"(objective {settings.objective}: log(error) + {SPEED_WEIGHTS[settings.objective]} x attention cost); ridge linear "
         "router on the attention input"
         + (f"; o_proj refitted by least squares to the dense output (ridge {settings.output_ridge})"
            if settings.refit_output_projection else "")
