@@ -31,6 +31,9 @@ def no_model_loading(monkeypatch):
         ({"data": {"path": "x.txt", "colum": "text"}}, "data.colum", "valid keys: path, dataset"),
         ({"data": {"path": "no-such-file.txt"}}, "data.path", "not found"),
         ({"data": {}}, "data", "exactly one of `path`"),
+        ({"data": []}, "data", "at least one source"),
+        ({"data": [{"generate": "default"}, {"path": "no-such-file.txt", "weight": 2}]}, "data.1.path", "not found"),
+        ({"data": [{"generate": "default"}, {"path": "x.txt", "weight": 0}]}, "data.1.weight", "greater than 0"),
         ({"seq_len": 512}, "seq_len", "max_position_embeddings (256)"),
         ({"global_batch_tokens": 100}, "global_batch_tokens", "multiple of seq_len"),
         ({"global_batch_tokens": 32 * 6, "micro_batch_size": 4}, "global_batch_tokens", "micro_batch_size (4)"),
@@ -63,6 +66,19 @@ def test_set_overrides_are_yaml_values_and_reach_nested_keys(tiny_moh, tmp_path)
         moh_train.load_recipe(path, ["max_steps"])
     with pytest.raises(MoHError, match="unknown recipe key 'lora.rank'"):
         moh_train.load_recipe(path, ["lora.rank=4"])
+
+
+def test_data_lists_sources_with_weights_and_set_reaches_one_of_them(tiny_moh, tmp_path):
+    """`data` is one source (a mapping, as before) or a list mixed by weight; `--set data.1.weight=3` edits one entry."""
+    recipe = tiny_recipe(tiny_moh["query-norm"], tiny_moh["text"], tmp_path / "run")
+    assert [source.path for source in moh_train.load_recipe(recipe).data] == [str(tiny_moh["text"])]
+    recipe["data"] = [{"path": str(tiny_moh["text"])}, {"generate": "self", "weight": 0.5}]
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    loaded = moh_train.load_recipe(path, ["data.1.weight=3"])
+    assert [(source.generate, source.weight) for source in loaded.data] == [(None, 1.0), ("self", 3.0)]
+    assert loaded.data_keys() == ["data.0", "data.1"]
+    with pytest.raises(MoHError, match="name a key inside one source"):
+        moh_train.load_recipe(path, ["data.path=x.txt"])
 
 
 def test_existing_checkpoints_need_resume(tiny_moh, tmp_path, no_model_loading):

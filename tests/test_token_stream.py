@@ -57,16 +57,44 @@ def test_data_stream_resumes_from_its_state_without_rereading(kind, tmp_path, mo
         assert counting.texts[0] != first_piece, split
 
 
+def test_mixed_sources_follow_their_weights_and_resume(tmp_path):
+    """Two sources at weights 3:1 give 3 of every 4 sequences from the first, spread evenly (never more than one
+    sequence off its share at any point), each source in its own order and epochs; the saved position of the mix
+    continues it exactly."""
+    (tmp_path / "a.txt").write_text("\n".join(synthetic_text(60, seed=i) for i in range(4)) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(synthetic_text(60, seed=10 + i) for i in range(2)) + "\n")
+    sources = [moh_train.DataSource(path=str(tmp_path / "a.txt"), weight=3),
+               moh_train.DataSource(path=str(tmp_path / "b.txt"), weight=1)]
+    tokenizer = tiny_tokenizer()
+    only_a = moh_train.take(moh_train.PackedTokenStream(sources[0], tokenizer, 16), 30)
+    only_b = moh_train.take(moh_train.PackedTokenStream(sources[1], tokenizer, 16), 10)
+    mixed = moh_train.take(moh_train.training_stream(sources, tokenizer, 16, ["data.0", "data.1"]), 40)
+    from_a = [any(torch.equal(row, other) for other in only_a) for row in mixed]
+    assert sum(from_a) == 30
+    for end in range(1, 41):  # every prefix holds each source within one sequence of its share
+        assert abs(sum(from_a[:end]) - 0.75 * end) <= 1.0
+    assert torch.equal(mixed[torch.tensor(from_a)], only_a) and torch.equal(mixed[~torch.tensor(from_a)], only_b)
+
+    stream = moh_train.training_stream(sources, tokenizer, 16, ["data.0", "data.1"])
+    head = moh_train.take(stream, 13)
+    resumed = moh_train.training_stream(sources, tokenizer, 16, ["data.0", "data.1"])
+    resumed.load_state_dict(json.loads(json.dumps(stream.state_dict())))
+    assert torch.equal(torch.cat([head, moh_train.take(resumed, 27)]), mixed)
+    with pytest.raises(MoHError, match="resume with the recipe it started with"):
+        moh_train.training_stream(sources + sources[:1], tokenizer, 16, ["a", "b", "c"]).load_state_dict(
+            stream.state_dict())
+
+
 def test_missing_column_names_the_recipe_key(tmp_path):
     (tmp_path / "train.txt").write_text(synthetic_text(400))
     (tmp_path / "eval.jsonl").write_text(json.dumps({"body": "some text"}) + "\n")
     recipe = moh_train.TrainRecipe(model="m", output_dir="o", data={"path": str(tmp_path / "train.txt")},
                                    eval_data={"path": str(tmp_path / "eval.jsonl")}, max_steps=1, seq_len=8)
-    stream = moh_train.PackedTokenStream(recipe.data, tiny_tokenizer(), recipe.seq_len)
+    stream = moh_train.PackedTokenStream(recipe.data[0], tiny_tokenizer(), recipe.seq_len)
     with pytest.raises(MoHError, match=r"eval\.jsonl:1 is not a JSON object with a 'text' field \(set recipe key "
                                        r"'eval_data\.column'\)"):
         heldout_windows(recipe, tiny_tokenizer(), stream)
     # without eval_data the held-out windows are the first sequences of the training stream
     windows = heldout_windows(recipe.model_copy(update={"eval_data": None}), tiny_tokenizer(), stream)
     assert windows.shape == (recipe.eval_windows, 8)
-    assert torch.equal(windows[0], torch.tensor(next(moh_train.PackedTokenStream(recipe.data, tiny_tokenizer(), 8))))
+    assert torch.equal(windows[0], torch.tensor(next(moh_train.PackedTokenStream(recipe.data[0], tiny_tokenizer(), 8))))

@@ -152,3 +152,17 @@ def test_shipped_distillation_recipes_parse(name, trainable):
 
     recipe = load_recipe(REPO / "recipes" / name)
     assert recipe.distill is not None and recipe.distill.kl_weight == 1.0 and recipe.trainable == trainable
+
+
+def test_files_and_generated_text_mix_by_weight(tiny_moh, tmp_path):
+    """`data: [{path: ...}, {generate: self, weight: ...}]`: each generated entry gets its own file, the run trains
+    on both, and the summary lists each source with its share."""
+    run = tmp_path / "run"
+    recipe = tiny_recipe(tiny_moh["learned"], tiny_moh["text"], run, max_steps=2, eval_windows=0, eval_every=0,
+                         warmup_steps=0, distill={}, data=[{"path": str(tiny_moh["text"]), "weight": 3},
+                                                           {"generate": "self", "generate_tokens": 128}])
+    train(recipe)
+    assert (run / "generated-text-1.jsonl").is_file() and not (run / "generated-text.jsonl").exists()
+    summary = json.loads((run / "model" / "training_summary.json").read_text())
+    assert len(summary["data"]) == 2 and summary["data"][0] == f"75%: {tiny_moh['text']}"
+    assert summary["data"][1].startswith("25%: generated: self (128 tokens written by ")

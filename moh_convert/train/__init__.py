@@ -20,10 +20,10 @@ from .model_setup import build_optimizer, learning_rate_at, make_trainable
 from .plan import TrainingPlan, plan_training
 from .recipe import DataSource, LoraSettings, TrainRecipe, load_recipe
 from .save import FINAL_MODEL_DIR, save_final_model
-from .token_stream import PackedTokenStream, take
+from .token_stream import MixedTokenStream, PackedTokenStream, take, training_stream
 
 __all__ = [
-    "DataSource", "FINAL_MODEL_DIR", "LoraSettings", "PackedTokenStream", "RoutingLosses", "TrainRecipe",
+    "DataSource", "FINAL_MODEL_DIR", "LoraSettings", "MixedTokenStream", "PackedTokenStream", "RoutingLosses", "TrainRecipe",
     "TrainingPlan", "build_optimizer", "latest_checkpoint", "learning_rate_at", "load_recipe", "make_trainable",
-    "plan_training", "routing_losses", "save_checkpoint", "save_final_model", "take", "train",
+    "plan_training", "routing_losses", "save_checkpoint", "save_final_model", "take", "train", "training_stream",
 ]

@@ -16,23 +16,29 @@ GENERATED_TEXT = "generated-text.jsonl"
 
 
 def generated_data_source(recipe: TrainRecipe, generator: str, tokenizer, output_dir: Path, is_main: bool,
-                          wait_for_everyone, device: torch.device) -> DataSource:
-    """recipe.data itself, or for `generate:` a DataSource over the generated text (written by the main process
-    when the run does not have it yet; the others wait for it). `generator`: the model that writes (the teacher's
-    source, else the trained model's folder)."""
-    source = recipe.data
-    if source.generate is None:
-        return source
-    path = output_dir / GENERATED_TEXT
-    if is_main and not path.is_file():
-        documents = write_documents(source, generator, tokenizer, recipe.seq_len, recipe.seed, output_dir, device)
-        with tempfile.NamedTemporaryFile("w", dir=output_dir, prefix=".generated-", suffix=".partial",
-                                         delete=False, encoding="utf-8") as handle:
-            for document in documents:
-                handle.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
-        os.replace(handle.name, path)  # a killed run leaves no half-written file that a resume would trust
+                          wait_for_everyone, device: torch.device) -> list[DataSource]:
+    """recipe.data, with each `generate:` source replaced by a DataSource over its generated text (written by the
+    main process when the run does not have it yet; the others wait for it). `generator`: the model that writes (the
+    teacher's source, else the trained model's folder)."""
+    sources = []
+    for index, source in enumerate(recipe.data):
+        if source.generate is None:
+            sources.append(source)
+            continue
+        # The first generated source keeps the single-source file name, so runs started before lists resume.
+        path = output_dir / (GENERATED_TEXT if index == 0 else GENERATED_TEXT.replace(".jsonl", f"-{index}.jsonl"))
+        if is_main and not path.is_file():
+            # Another seed per source: two `generate: self` entries must not write the same text.
+            documents = write_documents(source, generator, tokenizer, recipe.seq_len, recipe.seed + index,
+                                        output_dir, device)
+            with tempfile.NamedTemporaryFile("w", dir=output_dir, prefix=".generated-", suffix=".partial",
+                                             delete=False, encoding="utf-8") as handle:
+                for document in documents:
+                    handle.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
+            os.replace(handle.name, path)  # a killed run leaves no half-written file that a resume would trust
+        sources.append(DataSource(path=str(path), column="text", weight=source.weight))
     wait_for_everyone()
-    return DataSource(path=str(path), column="text")
+    return sources
 
 
 def write_documents(source: DataSource, generator: str, tokenizer, seq_len: int, seed: int, scratch: Path,

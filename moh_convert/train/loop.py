@@ -33,7 +33,7 @@ from .model_setup import build_optimizer, enable_gradient_checkpointing, learnin
 from .plan import TrainingPlan, plan_training, text_config_of
 from .recipe import TrainRecipe, load_recipe
 from .save import save_final_model
-from .token_stream import PackedTokenStream, heldout_windows, take
+from .token_stream import heldout_windows, take, training_stream
 
 
 def train(recipe: str | Path | dict | TrainRecipe, overrides: list[str] = (), resume: bool = False) -> Path:
@@ -94,7 +94,7 @@ def run_training(recipe: TrainRecipe, plan: TrainingPlan, output_dir: Path, resu
     # ---- data: the same packed stream in every process; each takes its slice of every global batch
     data = generated_data_source(recipe, plan.teacher or plan.model_folder, tokenizer, output_dir,
                                  accelerator.is_main_process, accelerator.wait_for_everyone, accelerator.device)
-    stream = PackedTokenStream(data, tokenizer, recipe.seq_len)
+    stream = training_stream(data, tokenizer, recipe.seq_len, recipe.data_keys())
     eval_windows = heldout_windows(recipe, tokenizer, stream)  # from the stream: training starts after them
 
     def evaluate_heldout() -> float:

@@ -43,6 +43,19 @@ class RunOutcome:
     wall_seconds: float
 
 
+def data_description(recipe: TrainRecipe, teacher: str | None) -> str | list[str]:
+    """What the run trained on: a single source as before (a path, a list of paths, a dataset, or generated text);
+    several as one line each with their share."""
+    def describe(source) -> str | list[str]:
+        return source.dataset or source.path or (
+            f"generated: {source.generate} ({source.generate_tokens} tokens written by {teacher or 'the model'})")
+
+    if len(recipe.data) == 1:
+        return describe(recipe.data[0])
+    total = sum(source.weight for source in recipe.data)
+    return [f"{source.weight / total:.0%}: {describe(source)}" for source in recipe.data]
+
+
 def training_summary(recipe: TrainRecipe, plan: TrainingPlan, mixed_precision: str, outcome: RunOutcome,
                      teacher=None) -> dict:
     """training_summary.json: what was trained, how, and the results (the model card's Training section)."""
@@ -50,9 +63,7 @@ def training_summary(recipe: TrainRecipe, plan: TrainingPlan, mixed_precision: s
     distill = recipe.distill
     return {
         "base_model": recipe.model,
-        "data": recipe.data.dataset or recipe.data.path or (
-            f"generated: {recipe.data.generate} ({recipe.data.generate_tokens} tokens written by "
-            f"{plan.teacher or 'the model'})"),
+        "data": data_description(recipe, plan.teacher),
         "steps": plan.max_steps,
         "tokens": plan.max_steps * tokens_per_step,
         "seq_len": recipe.seq_len,

@@ -104,7 +104,8 @@ def plan_training(recipe: TrainRecipe, num_processes: int, distributed_type: str
     text_config = text_config_of(config)
     is_moh = config.get("model_type") == "moh"
 
-    check_data_source(recipe.data, "data")
+    for source, key in zip(recipe.data, recipe.data_keys()):
+        check_data_source(source, key)
     if recipe.eval_data is not None:
         check_data_source(recipe.eval_data, "eval_data")
     batches = plan_batches(recipe, num_processes, text_config.get("max_position_embeddings"))

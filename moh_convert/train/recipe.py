@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import MoHError
 
@@ -30,6 +30,8 @@ class DataSource(BaseModel):
     split: str = Field("train", description="Split of the dataset.")
     column: str = Field("text", description="Text column of the dataset, or key of each JSONL record.")
     streaming: bool = Field(True, description="Stream the dataset instead of downloading it whole.")
+    weight: float = Field(1.0, gt=0, description="When `data` lists several sources: this source's share of the "
+                          "training sequences (weights are normalised; sources are interleaved sequence by sequence).")
 
     @model_validator(mode="after")
     def one_source(self):
@@ -88,7 +90,10 @@ class TrainRecipe(BaseModel):
 
     model: str = Field(description="Model folder (a `moh convert` output, or a dense model) or Hub id.")
     output_dir: str = Field(description="Run folder: checkpoints/, metrics.jsonl, and the final model/ folder.")
-    data: DataSource = Field(description="Training text.")
+    data: list[DataSource] = Field(
+        description="Training text: one source (a mapping) or a list of sources mixed by their `weight`, e.g. "
+        "your own files with text the teacher writes: [{path: my.jsonl, weight: 3}, {generate: default}]."
+    )
     eval_data: DataSource | None = Field(
         None, description="Held-out text; default: the first `eval_windows` sequences of `data`, not trained on."
     )
@@ -137,16 +142,46 @@ class TrainRecipe(BaseModel):
         "auto", description="dtype of the saved weights; auto: the model's own dtype from its config."
     )
 
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_source_is_a_list_of_one(cls, value):
+        if isinstance(value, dict):
+            return [value]
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one source")
+        return value
 
-def format_validation_error(error: ValidationError, model_cls: type[BaseModel]) -> str:
+    def data_keys(self) -> list[str]:
+        """The recipe key of each training source, for messages: 'data' for a single one, else 'data.0', 'data.1'."""
+        return ["data"] if len(self.data) == 1 else [f"data.{index}" for index in range(len(self.data))]
+
+
+def recipe_key_path(loc: tuple, values: dict | None) -> list[str]:
+    """pydantic's error location as the user's recipe keys: list positions stay ('data.1.path') except where the
+    user wrote a single mapping that the recipe holds as a list of one ('data.path', not 'data.0.path')."""
+    parts, raw = [], values
+    for part in loc:
+        if isinstance(part, int) and not isinstance(raw, list):
+            continue
+        parts.append(str(part))
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            raw = None
+    return parts
+
+
+def format_validation_error(error: ValidationError, model_cls: type[BaseModel], values: dict | None = None) -> str:
     """pydantic's report as one line that names each recipe key; unknown keys list the valid ones."""
     problems = []
     for item in error.errors():
-        loc = [str(part) for part in item["loc"]]
+        loc = recipe_key_path(item["loc"], values)
         name = ".".join(loc) or "recipe"
         if item["type"] == "extra_forbidden":
             owner = model_cls
             for part in loc[:-1]:  # walk into nested sections (data.*, lora.*) to list their keys
+                if part.isdigit():  # a position in a list of sections
+                    continue
                 annotation = owner.model_fields[part].annotation
                 owner = next((arg for arg in getattr(annotation, "__args__", (annotation,)) if isinstance(arg, type)
                               and issubclass(arg, BaseModel)), annotation)
@@ -184,11 +219,18 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] = ()) -> TrainRe
         keys, value = parse_override(override)
         target = values
         for key in keys[:-1]:
-            target = target.setdefault(key, {})
-            if not isinstance(target, dict):
+            if isinstance(target, list) and key.isdigit() and int(key) < len(target):  # data.1.weight=2
+                target = target[int(key)]
+            elif isinstance(target, dict):
+                target = target.setdefault(key, {})
+            else:
+                target = None
+            if not isinstance(target, dict | list):
                 raise MoHError(f"--set {override!r}: {key!r} is not a section of the recipe")
+        if isinstance(target, list):
+            raise MoHError(f"--set {override!r}: name a key inside one source, e.g. data.0.path=...")
         target[keys[-1]] = value
     try:
         return TrainRecipe(**values)
     except ValidationError as error:
-        raise MoHError(format_validation_error(error, TrainRecipe)) from None
+        raise MoHError(format_validation_error(error, TrainRecipe, values)) from None

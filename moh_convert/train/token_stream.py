@@ -1,6 +1,7 @@
 """The training token stream: documents of local files or a Hugging Face dataset (read through
-`moh_convert.text_sources`, as calibration reads them), tokenized, EOS after each, packed into seq_len sequences.
-Every process builds the same stream and takes its own slice of each global batch."""
+`moh_convert.text_sources`, as calibration reads them), tokenized, EOS after each, packed into seq_len sequences;
+several sources are interleaved by weight. Every process builds the same stream and takes its own slice of each
+global batch."""
 import copy
 import itertools
 from typing import Iterator
@@ -80,13 +81,51 @@ class PackedTokenStream:
         return sequence
 
 
+class MixedTokenStream:
+    """Sequences of several sources (each a PackedTokenStream with its own epochs), interleaved by weight: each
+    sequence comes from the source furthest behind its share (smooth weighted round-robin), so any stretch of the
+    run holds every source in proportion, the order is deterministic, and the position is a few numbers per source."""
+
+    def __init__(self, streams: list[PackedTokenStream], weights: list[float]):
+        total = sum(weights)
+        self.streams, self.weights = streams, [weight / total for weight in weights]
+        self.credits = [0.0] * len(streams)
+
+    def state_dict(self) -> dict:
+        return {"credits": list(self.credits), "sources": [stream.state_dict() for stream in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("sources", ())) != len(self.streams):
+            raise MoHError(f"the checkpoint was written with {len(state.get('sources', ()) or [1])} training "
+                           f"source(s) and the recipe now has {len(self.streams)}: resume with the recipe it started with")
+        self.credits = list(state["credits"])
+        for stream, stream_state in zip(self.streams, state["sources"]):
+            stream.load_state_dict(stream_state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[int]:
+        self.credits = [credit + weight for credit, weight in zip(self.credits, self.weights)]
+        index = max(range(len(self.streams)), key=lambda i: (self.credits[i], -i))
+        self.credits[index] -= 1.0
+        return next(self.streams[index])
+
+
+def training_stream(sources: list[DataSource], tokenizer, seq_len: int, keys: list[str]):
+    """The training sequences of `sources` (recipe keys `keys`, for messages): one source's packed stream, or several
+    mixed by their weights."""
+    streams = [PackedTokenStream(source, tokenizer, seq_len, key) for source, key in zip(sources, keys)]
+    return streams[0] if len(streams) == 1 else MixedTokenStream(streams, [source.weight for source in sources])
+
+
 def take(stream: Iterator[list[int]], count: int) -> torch.Tensor:
     """The next `count` sequences of `stream` as a LongTensor [count, seq_len]."""
     rows = [next(stream) for _ in range(count)]
     return torch.tensor(rows, dtype=torch.long)
 
 
-def heldout_windows(recipe: TrainRecipe, tokenizer, stream: PackedTokenStream) -> torch.Tensor | None:
+def heldout_windows(recipe: TrainRecipe, tokenizer, stream: PackedTokenStream | MixedTokenStream) -> torch.Tensor | None:
     """The held-out sequences: the first `eval_windows` of `eval_data`, else of the training stream (which then
     starts training after them); None when `eval_windows` is 0."""
     if not recipe.eval_windows:
