@@ -57,7 +57,8 @@ def add_options_to_parser(parser: argparse.ArgumentParser, model_cls: type[pydan
     """One `--kebab-case` flag per field, with the field's description and default as help."""
     for name, field in model_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
+        # argparse %-formats help strings (for %(default)s): a literal % in a description must not break --help.
+        help_text = (field.description or "").replace("%", "%%")
         if field.annotation is bool:
             # On-by-default switches also get a --no-... form to turn them off.
             action = argparse.BooleanOptionalAction if field.default is True else "store_true"

@@ -51,3 +51,15 @@ def test_existing_output_needs_overwrite(tiny_checkpoints, tmp_path):
     result = run_moh("convert", "--no-calibration", tiny_checkpoints["llama"], tmp_path / "out")
     assert result.returncode == 2
     assert "already exists; pass --overwrite" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_command_help_renders_its_option_texts():
+    """`moh COMMAND --help` works for every command and shows each option's description as written (a literal % in
+    a description once made argparse's help formatting raise)."""
+    from moh_convert.cli import build_parser
+
+    subparsers = next(action for action in build_parser()._actions if action.dest == "command")
+    for name, parser in subparsers.choices.items():
+        assert "usage:" in parser.format_help(), name
+    convert_help = " ".join(subparsers.choices["convert"].format_help().split())
+    assert "at most ~11% less attention output" in convert_help
