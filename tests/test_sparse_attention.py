@@ -286,3 +286,90 @@ def test_short_prefills_take_the_dense_kernel_then_gates(converted_half_heads, m
     model.set_sparse_kernel("rows")
     torch.testing.assert_close(logits(model, "sparse", **inputs), logits(model, "masked", **inputs), atol=1e-4, rtol=0)
     assert counter.rows > 0
+
+
+class CountKeptHeadProjections:
+    """Counts the o_proj products computed from the kept heads' columns only (`project_kept_heads`' embedding_bag)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = torch.nn.functional.embedding_bag
+
+        def counting_embedding_bag(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "embedding_bag", counting_embedding_bag)
+
+
+def decode_one_sequence(model, input_ids, prompt_length):
+    """Sparse path: prefill prompt_length tokens, then one token at a time with the cache; the logits of each step."""
+    from transformers import DynamicCache
+
+    model.set_attention_path("sparse")
+    cache = DynamicCache(config=model.config.text_config)
+    steps = [(0, prompt_length)] + [(t, t + 1) for t in range(prompt_length, input_ids.shape[1])]
+    with torch.no_grad():
+        return torch.cat([
+            model(input_ids=input_ids[:, start:end], use_cache=True, **{CACHE: cache}).logits for start, end in steps
+        ], dim=1)
+
+
+@pytest.mark.parametrize("model_type", list(TINY_FAMILIES))
+def test_decoding_one_sequence_projects_only_the_kept_heads(model_type, converted_half_heads, monkeypatch):
+    """Decoding one sequence on the CPU, o_proj reads only the columns of the heads each token keeps; the logits are
+    the masked path's (every head, then gates) at every step."""
+    model = AutoModelForCausalLM.from_pretrained(converted_half_heads[model_type]).eval()
+    input_ids = padded_batch()[0][:1]
+    reference = logits(model, "masked", input_ids=input_ids)
+    counter = CountKeptHeadProjections(monkeypatch)
+    decoded = decode_one_sequence(model, input_ids, prompt_length=12)
+    torch.testing.assert_close(decoded, reference, atol=1e-4, rtol=0)
+    # Every layer routes (1 shared + top-1 of 3): one kept-heads product per layer and decoded token.
+    assert counter.calls == model.config.text_config.num_hidden_layers * (SEQ - 12)
+
+
+def test_kept_head_projection_with_learned_router_static_layer_and_bias(tiny_checkpoints, monkeypatch):
+    """A static layer (fixed shared heads) and a learned router, with a bias on o_proj; the projection follows the
+    weight when it changes in place after the first decoded token."""
+    model = static_layer_model(tiny_checkpoints)
+    generator = torch.Generator().manual_seed(11)
+    for layer in model.model.layers:
+        o_proj = layer.self_attn.o_proj
+        o_proj.bias = torch.nn.Parameter(torch.randn(o_proj.out_features, generator=generator))
+    model.set_attention_path("sparse")  # o_proj's forward is installed for the module as it is now
+    input_ids = padded_batch()[0][:1]
+    counter = CountKeptHeadProjections(monkeypatch)
+    torch.testing.assert_close(decode_one_sequence(model, input_ids, 12), logits(model, "masked", input_ids=input_ids),
+                               atol=1e-4, rtol=0)
+    assert counter.calls == 2 * (SEQ - 12)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.5)
+    torch.testing.assert_close(decode_one_sequence(model, input_ids, 12), logits(model, "masked", input_ids=input_ids),
+                               atol=1e-4, rtol=0)
+
+
+def test_kept_head_projection_leaves_wrapped_or_trained_o_proj_alone(converted_half_heads, monkeypatch):
+    """Only a plain nn.Linear o_proj on the sparse path computes from kept columns: not when training (gradients need
+    every head), not after o_proj was replaced by another module (e.g. a LoRA wrapper), and not on the masked path;
+    the state dict never changes."""
+    model = AutoModelForCausalLM.from_pretrained(converted_half_heads["llama"]).eval()
+    keys = set(model.state_dict())
+    input_ids = padded_batch()[0][:1]
+    counter = CountKeptHeadProjections(monkeypatch)
+    reference = logits(model, "masked", input_ids=input_ids)
+    assert counter.calls == 0 and all("forward" not in layer.self_attn.o_proj.__dict__ for layer in model.model.layers)
+
+    model.set_attention_path("sparse")
+    model.train()
+    model(input_ids=input_ids[:, :1]).logits.sum().backward()  # one token, as decoding, but with gradients
+    assert counter.calls == 0
+    model.eval()
+    model.model.layers[0].self_attn.o_proj = torch.nn.Sequential(model.model.layers[0].self_attn.o_proj)
+    decoded = decode_one_sequence(model, input_ids, 12)
+    torch.testing.assert_close(decoded, reference, atol=1e-4, rtol=0)
+    # Layer 0's o_proj is a wrapper now: only the other layers took the kept-heads product.
+    assert counter.calls == (model.config.text_config.num_hidden_layers - 1) * (SEQ - 12)
+    assert set(model.state_dict()) == {key.replace("layers.0.self_attn.o_proj.", "layers.0.self_attn.o_proj.0.")
+                                       for key in keys}

@@ -87,12 +87,15 @@ class PendingRoutingInputs:
     object rather than attributes of the nn.Module: every tensor assigned to a module attribute goes through
     `nn.Module.__setattr__`'s registry checks, which shows when decoding one token at a time."""
 
-    __slots__ = ("hidden_states", "queries", "routing")
+    __slots__ = ("hidden_states", "queries", "routing", "output_columns")
 
     def __init__(self):
         self.hidden_states: torch.Tensor | None = None
         self.queries: torch.Tensor | None = None
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Decoding on the CPU sparse path: the o_proj input columns of the heads the token keeps (see
+        # `MoHHeadRouting.project_kept_heads`), set by the attention function, consumed by the o_proj call after it.
+        self.output_columns: torch.Tensor | None = None
 
     def has_inputs(self) -> bool:
         return self.hidden_states is not None or self.queries is not None
@@ -136,6 +139,10 @@ class MoHHeadRouting(nn.Module):
         self.input_hook_handle = None
         self.output_gate_handle = None
         self.output_gate_enabled = True
+        # The o_proj whose forward is `project_kept_heads` while the sparse path is on (None otherwise), and its weight
+        # transposed (built at the first decoded token; see `project_kept_heads`).
+        object.__setattr__(self, "output_projection", None)
+        self._transposed_output_weight: tuple | None = None
 
     @classmethod
     def attach_to(cls, attention: nn.Module, config: MoHConfig, layer_idx: int) -> "MoHHeadRouting":
@@ -176,13 +183,29 @@ class MoHHeadRouting(nn.Module):
         self.use_output_gate_hook(self.output_gate_enabled)
 
     def use_output_gate_hook(self, enabled: bool) -> None:
-        """Gate heads with an o_proj pre-hook (the masked path) or not (the sparse path's kernel gates itself)."""
+        """Gate heads with an o_proj pre-hook (the masked path) or not (the sparse path's kernel gates itself; then
+        o_proj's forward becomes `project_kept_heads`, which reads only the kept heads' columns when decoding)."""
         self.output_gate_enabled = enabled
         if enabled and self.output_gate_handle is None:
             self.output_gate_handle = self.attention_block.o_proj.register_forward_pre_hook(self._gate_o_proj_input)
         elif not enabled and self.output_gate_handle is not None:
             self.output_gate_handle.remove()
             self.output_gate_handle = None
+        output_projection = self.attention_block.o_proj
+        if enabled or self.is_dense:
+            self._restore_output_projection()
+        elif self.output_projection is None and type(output_projection) is nn.Linear:
+            # Exactly nn.Linear: a LoRA or quantized wrapper computes more than weight @ input (+ bias).
+            output_projection.forward = self.project_kept_heads
+            object.__setattr__(self, "output_projection", output_projection)  # not a submodule: the block owns it
+
+    def _restore_output_projection(self) -> None:
+        if self.output_projection is not None:
+            if self.output_projection.__dict__.get("forward") == self.project_kept_heads:
+                del self.output_projection.forward
+            object.__setattr__(self, "output_projection", None)
+            self._transposed_output_weight = None
+        self.pending.output_columns = None
 
     def _gate_o_proj_input(self, module, args):
         return (self.gate_attention_output(args[0]),) + tuple(args[1:])
@@ -193,6 +216,7 @@ class MoHHeadRouting(nn.Module):
             if handle is not None:
                 handle.remove()
                 setattr(self, name, None)
+        self._restore_output_projection()
 
     def detach(self) -> None:
         """Undo `attach`: the block is the source model's again (used by calibration)."""
@@ -209,6 +233,8 @@ class MoHHeadRouting(nn.Module):
             elif which == "shared-exclusion":  # float32 [num_heads, 1]: -inf at shared heads, 0 at routed heads
                 exclusion = torch.zeros(self.num_heads, 1, device=device)
                 self._index_cache[key] = exclusion.index_fill_(0, self._head_index("shared", device), -math.inf)
+            elif which == "zero-offset":  # long [1]: embedding_bag's offsets for one bag
+                self._index_cache[key] = torch.zeros(1, dtype=torch.long, device=device)
             elif which == "shared-protection":  # float32 [num_heads]: +inf at shared heads, 0 at routed heads
                 protection = torch.zeros(self.num_heads, device=device)
                 self._index_cache[key] = protection.index_fill_(0, self._head_index("shared", device), math.inf)
@@ -308,10 +334,10 @@ class MoHHeadRouting(nn.Module):
         kernel call over all heads, the masked path; paged caches and attention-weight outputs are the source
         kernel's business."""
         return (
-            not self.training
+            query.shape[2] > 1  # first: decoding ends here
+            and not self.training
             and not self.is_dense
             and dropout == 0.0
-            and query.shape[2] > 1
             and kwargs.get("cache") is None
             and not kwargs.get("output_attentions", False)
             and self.pending.has_inputs()
@@ -382,6 +408,11 @@ class MoHHeadRouting(nn.Module):
             output, weights = base_attention_function(module)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
+            if self.output_projection is not None and self.projects_kept_heads_only(output):
+                # Decoding one token on the CPU: o_proj (next) reads only the kept heads' columns, so the dropped
+                # heads' outputs need no zeroing and their share of o_proj's weight is not read.
+                self.pending.output_columns = self.kept_head_columns(output.shape[-1])
+                return output, weights
             return self.gate_heads(output), weights
         batch, _, q_len, head_dim = query.shape
         scaling = head_dim**-0.5 if scaling is None else scaling
@@ -401,6 +432,72 @@ class MoHHeadRouting(nn.Module):
         if self.gate_mode != "binary" or self.fallback_in_use():
             output = self.gate_head_outputs(output, gates, routed_mask)
         return output, None
+
+    def projects_kept_heads_only(self, per_head: torch.Tensor) -> bool:
+        """Whether o_proj may compute this attention output [batch, seq, num_heads, head_dim] from the kept heads'
+        columns alone (`project_kept_heads`): one token of one sequence (decoding) on the CPU, binary gates at
+        inference, no fallback outputs, and the block's o_proj still the plain nn.Linear whose forward is ours."""
+        return (
+            per_head.shape[0] * per_head.shape[1] == 1
+            and per_head.device.type == "cpu"
+            and self.gate_mode == "binary"
+            and not self.training
+            and not self.record_routing
+            and not self.is_dense
+            and not torch.is_grad_enabled()
+            and (self.head_fallback is None or not self.fallback_in_use())
+            and self.attention_block.o_proj is self.output_projection
+        )
+
+    def kept_head_columns(self, head_dim: int) -> torch.Tensor:
+        """The o_proj input columns [kept_heads * head_dim] (long) of the heads one token keeps: its shared heads and
+        its top-K routed heads by raw router score (the same heads as the probabilities': see
+        `binary_gates_for_inference`). Routes with the inputs the hooks kept during this attention forward."""
+        pending = self.pending
+        hidden_states, queries = pending.hidden_states, pending.queries
+        pending.hidden_states = pending.queries = None
+        key = ("columns", head_dim)
+        if key not in self._index_cache:
+            # [num_heads, head_dim]: row h holds head h's columns of o_proj's input; and the static layers' columns.
+            columns = torch.arange(self.num_heads * head_dim).view(self.num_heads, head_dim)
+            static = columns.index_select(0, self._head_index("shared", columns.device)).view(-1)
+            self._index_cache[key] = (columns, static)
+        columns, static_columns = self._index_cache[key]
+        if self.is_static:
+            return static_columns
+        if self.router_uses_query:
+            norms = torch.linalg.vector_norm(queries.reshape(self.num_heads, -1), dim=-1, dtype=torch.float32)
+            scores = norms + self._head_index("shared-protection", queries.device)
+        else:
+            weight, bias = self.scores_over_all_heads(hidden_states)
+            scores = F.linear(hidden_states.view(-1), weight, bias)
+        kept = scores.topk(len(self.shared_heads) + self.routed_top_k).indices  # shared heads score +inf
+        return columns.index_select(0, kept).view(-1)
+
+    def project_kept_heads(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """o_proj's forward on the sparse path. When decoding on the CPU (`pending.output_columns` set by the
+        attention function), the product of the kept heads' columns only: one embedding_bag over the rows of the
+        transposed weight (a weighted sum of the rows the token's kept heads select), which reads
+        kept / num_heads of the weight where the dense product reads all of it. Decoding is bound by reading
+        weights, and o_proj is about a tenth of a LLaMA layer's. Costs one transposed copy of the weight per layer
+        (built at the first decoded token; e.g. +7% memory for SmolLM2-135M in float32). Otherwise: the plain
+        linear layer."""
+        linear = self.output_projection
+        columns = self.pending.output_columns
+        if columns is None:
+            return F.linear(attn_output, linear.weight, linear.bias)
+        self.pending.output_columns = None
+        weight = linear.weight
+        cached = self._transposed_output_weight
+        if cached is None or cached[0] is not weight or cached[1] != weight._version or cached[2] != weight.data_ptr():
+            cached = self._transposed_output_weight = (weight, weight._version, weight.data_ptr(), weight.t().contiguous())
+        offsets = self._head_index("zero-offset", attn_output.device)
+        projected = F.embedding_bag(
+            columns, cached[3], offsets, mode="sum", per_sample_weights=attn_output.reshape(-1).take(columns)
+        )
+        if linear.bias is not None:
+            projected = projected + linear.bias
+        return projected.view(*attn_output.shape[:-1], -1)
 
     def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
         """The masked path's o_proj pre-hook: attn_output is o_proj's input [batch, seq, num_heads * head_dim]."""
@@ -432,8 +529,10 @@ class MoHHeadRouting(nn.Module):
         normalisations keep the order, so they are the same heads as the probabilities'. Every tensor op here costs
         ~10 us when decoding one token (cold caches between the weight-bound matrix products), on every layer, so
         this takes four or five of them where building and applying gates takes about ten."""
-        if self.is_static and not self.fallback_in_use():
-            # Every routed head is dropped for every token: no router call (this runs for every decoded token).
+        # (head_fallback first: most models have none, and this runs on every layer of every decoded token.)
+        uses_fallback = self.head_fallback is not None and self.fallback_in_use()
+        if self.is_static and not uses_fallback:
+            # Every routed head is dropped for every token: no router call.
             routed_index = self._head_index("routed", per_head.device)
             if torch.is_grad_enabled():
                 return per_head.index_fill(2, routed_index, 0.0)
@@ -447,7 +546,7 @@ class MoHHeadRouting(nn.Module):
             weight, bias = self.scores_over_all_heads(hidden_states)
             scores = F.linear(hidden_states, weight, bias)
         dropped = scores.topk(num_dropped, dim=-1, largest=False).indices  # [batch, seq, num_dropped] head ids
-        if self.fallback_in_use():
+        if uses_fallback:
             # [batch, seq, num_dropped, head_dim]: each dropped head's id along head_dim (scatter's index)
             index = F.embedding(dropped, self._head_rows(per_head.shape[-1], per_head.device))
             replacement = F.embedding(dropped, self.head_fallback).to(per_head.dtype)
@@ -468,19 +567,29 @@ class MoHHeadRouting(nn.Module):
         hidden] (routed heads' rows; zeros at shared heads) and bias [num_heads] (+inf at shared heads, so that they
         are never among the lowest scores). Rebuilt when the router's tensors change (training bumps their version)."""
         projection = self.router.routed_proj
-        bias = projection.bias
-        # Identity (not equality) of the router's tensors, their versions and the compute dtype.
-        key = (id(projection.weight), projection.weight.data_ptr(), projection.weight._version,
-               None if bias is None else (bias.data_ptr(), bias._version), hidden_states.dtype, hidden_states.device)
+        weight, bias = projection.weight, projection.bias
+        # Identity (not equality) of the router's tensors, their versions and the compute dtype. Compared item by item
+        # with cheap checks first: this runs on every layer of every decoded token.
         cached = self._index_cache.get("all-heads")
-        if cached is None or cached[0] != key:
-            routed_index = self._head_index("routed", hidden_states.device)
-            weight = projection.weight.new_zeros(self.num_heads, projection.in_features)
-            weight = weight.index_copy(0, routed_index, projection.weight.detach()).to(hidden_states.dtype)
-            full_bias = self._head_index("shared-protection", hidden_states.device).clone()
-            if bias is not None:
-                full_bias = full_bias.index_copy(0, routed_index, bias.detach().float())
-            cached = self._index_cache["all-heads"] = (key, weight, full_bias.to(hidden_states.dtype))
+        if (
+            cached is not None
+            and cached[0][0] is weight
+            and cached[0][1] == weight._version
+            and cached[0][2] is hidden_states.dtype
+            and (bias is None or (cached[0][4] is bias and cached[0][5] == bias._version))
+            and cached[0][3] == weight.data_ptr()  # `weight.data = ...` keeps the object and its version
+            and cached[1].device == hidden_states.device
+        ):
+            return cached[1], cached[2]
+        key = (weight, weight._version, hidden_states.dtype, weight.data_ptr(), bias,
+               None if bias is None else bias._version)
+        routed_index = self._head_index("routed", hidden_states.device)
+        full_weight = weight.new_zeros(self.num_heads, projection.in_features)
+        full_weight = full_weight.index_copy(0, routed_index, weight.detach()).to(hidden_states.dtype)
+        full_bias = self._head_index("shared-protection", hidden_states.device).clone()
+        if bias is not None:
+            full_bias = full_bias.index_copy(0, routed_index, bias.detach().float())
+        cached = self._index_cache["all-heads"] = (key, full_weight, full_bias.to(hidden_states.dtype))
         return cached[1], cached[2]
 
     def gate_head_outputs(
