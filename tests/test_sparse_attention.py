@@ -134,15 +134,14 @@ def assert_same_greedy_tokens(model, input_ids, attention_mask, max_new_tokens):
     assert torch.equal(generated["sparse"], generated["masked"])
 
 
-def routed_model(tiny_checkpoints, seed, model_type="llama", **routing):
-    """A MoH model on a tiny checkpoint (llama unless told) with the given routing config fields and random router
-    (and fallback) weights, so that tokens pick different heads."""
-    source_config = AutoConfig.from_pretrained(tiny_checkpoints[model_type])
+def routed_model(tiny_checkpoints, seed, **routing):
+    """A MoH model on the tiny llama checkpoint with the given routing config fields and random router (and
+    fallback) weights, so that tokens pick different heads."""
+    source_config = AutoConfig.from_pretrained(tiny_checkpoints["llama"])
     config = MoHConfig(text_config=source_config.to_dict(), **routing)
-    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[model_type])
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
     model = MoHForCausalLM(config).eval()
-    missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
-    assert not unexpected and all(".moh." in key for key in missing)
+    model.load_state_dict(dense.state_dict(), strict=False)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -374,48 +373,3 @@ def test_kept_head_projection_leaves_wrapped_or_trained_o_proj_alone(converted_h
     assert counter.calls == (model.config.text_config.num_hidden_layers - 1) * (SEQ - 12)
     assert set(model.state_dict()) == {key.replace("layers.0.self_attn.o_proj.", "layers.0.self_attn.o_proj.0.")
                                        for key in keys}
-
-
-class CountRouterProducts:
-    """Counts the learned router's own products over every head (`scores_over_all_heads`' weight: num_heads rows)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = torch.nn.functional.linear
-
-        def counting_linear(input, weight, bias=None):
-            self.calls += weight.shape[0] == NUM_HEADS
-            return original(input, weight, bias)
-
-        monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
-
-
-@pytest.mark.parametrize("model_type", list(TINY_FAMILIES))
-def test_decoding_with_learned_router_scores_heads_in_the_key_projection(model_type, tiny_checkpoints, monkeypatch):
-    """Decoding one sequence with a learned router, its scores come out of k_proj's product (no router product of
-    its own; phi3's fused qkv_proj keeps it); the logits are the masked path's at every step, also after the router
-    and k_proj change in place, and with a wrapped k_proj."""
-    model = routed_model(
-        tiny_checkpoints, 5, model_type, shared_heads=[[3, 1], [2]], routed_top_k=[1, 2], router="learned",
-    )
-    input_ids = padded_batch()[0][:1]
-    reference = logits(model, "masked", input_ids=input_ids)
-    counter = CountRouterProducts(monkeypatch)
-    torch.testing.assert_close(decode_one_sequence(model, input_ids, 12), reference, atol=1e-4, rtol=0)
-    fused = model_type != "phi3"
-    assert counter.calls == (0 if fused else 2 * (SEQ - 12))
-    with torch.no_grad():
-        for routing in model.head_routing:
-            routing.router.routed_proj.weight.mul_(-1.0)  # other heads win now
-            projection = routing.attention_block.k_proj if fused else routing.attention_block.qkv_proj
-            projection.weight.mul_(0.5)
-    torch.testing.assert_close(decode_one_sequence(model, input_ids, 12), logits(model, "masked", input_ids=input_ids),
-                               atol=1e-4, rtol=0)
-    if fused:
-        attention = model.head_routing[0].attention_block
-        attention.k_proj = torch.nn.Sequential(attention.k_proj)  # e.g. a wrapper installed after loading
-        reference = logits(model, "masked", input_ids=input_ids)
-        counter.calls = 0
-        torch.testing.assert_close(decode_one_sequence(model, input_ids, 12), reference, atol=1e-4, rtol=0)
-        # Layer 0's k_proj is a wrapper: its router computes its own scores; layer 1's still come from k_proj.
-        assert counter.calls == SEQ - 12

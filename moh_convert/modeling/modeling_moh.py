@@ -87,7 +87,7 @@ class PendingRoutingInputs:
     object rather than attributes of the nn.Module: every tensor assigned to a module attribute goes through
     `nn.Module.__setattr__`'s registry checks, which shows when decoding one token at a time."""
 
-    __slots__ = ("hidden_states", "queries", "routing", "output_columns", "router_scores")
+    __slots__ = ("hidden_states", "queries", "routing", "output_columns")
 
     def __init__(self):
         self.hidden_states: torch.Tensor | None = None
@@ -96,9 +96,6 @@ class PendingRoutingInputs:
         # Decoding on the CPU sparse path: the o_proj input columns of the heads the token keeps (see
         # `MoHHeadRouting.project_kept_heads`), set by the attention function, consumed by the o_proj call after it.
         self.output_columns: torch.Tensor | None = None
-        # Decoding with a learned router: its scores over every head [num_heads], computed in k_proj's product (see
-        # `MoHHeadRouting.project_keys_and_route`), consumed by `kept_head_columns`.
-        self.router_scores: torch.Tensor | None = None
 
     def has_inputs(self) -> bool:
         return self.hidden_states is not None or self.queries is not None
@@ -146,10 +143,6 @@ class MoHHeadRouting(nn.Module):
         # transposed (built at the first decoded token; see `project_kept_heads`).
         object.__setattr__(self, "output_projection", None)
         self._transposed_output_weight: tuple | None = None
-        # Likewise the k_proj whose forward is `project_keys_and_route` (learned routers), and its weight with the
-        # router's rows appended (built at the first decoded token).
-        object.__setattr__(self, "key_projection", None)
-        self._keys_and_router_weight: tuple | None = None
 
     @classmethod
     def attach_to(cls, attention: nn.Module, config: MoHConfig, layer_idx: int) -> "MoHHeadRouting":
@@ -191,8 +184,7 @@ class MoHHeadRouting(nn.Module):
 
     def use_output_gate_hook(self, enabled: bool) -> None:
         """Gate heads with an o_proj pre-hook (the masked path) or not (the sparse path's kernel gates itself; then
-        o_proj's forward becomes `project_kept_heads`, which reads only the kept heads' columns when decoding, and
-        a learned router's scores come out of k_proj's product: `project_keys_and_route`)."""
+        o_proj's forward becomes `project_kept_heads`, which reads only the kept heads' columns when decoding)."""
         self.output_gate_enabled = enabled
         if enabled and self.output_gate_handle is None:
             self.output_gate_handle = self.attention_block.o_proj.register_forward_pre_hook(self._gate_o_proj_input)
@@ -206,10 +198,6 @@ class MoHHeadRouting(nn.Module):
             # Exactly nn.Linear: a LoRA or quantized wrapper computes more than weight @ input (+ bias).
             output_projection.forward = self.project_kept_heads
             object.__setattr__(self, "output_projection", output_projection)  # not a submodule: the block owns it
-            key_projection = getattr(self.attention_block, "k_proj", None)
-            if not self.router_uses_query and not self.is_static and type(key_projection) is nn.Linear:
-                key_projection.forward = self.project_keys_and_route
-                object.__setattr__(self, "key_projection", key_projection)
 
     def _restore_output_projection(self) -> None:
         if self.output_projection is not None:
@@ -217,12 +205,7 @@ class MoHHeadRouting(nn.Module):
                 del self.output_projection.forward
             object.__setattr__(self, "output_projection", None)
             self._transposed_output_weight = None
-        if self.key_projection is not None:
-            if self.key_projection.__dict__.get("forward") == self.project_keys_and_route:
-                del self.key_projection.forward
-            object.__setattr__(self, "key_projection", None)
-            self._keys_and_router_weight = None
-        self.pending.output_columns = self.pending.router_scores = None
+        self.pending.output_columns = None
 
     def _gate_o_proj_input(self, module, args):
         return (self.gate_attention_output(args[0]),) + tuple(args[1:])
@@ -454,14 +437,9 @@ class MoHHeadRouting(nn.Module):
         """Whether o_proj may compute this attention output [batch, seq, num_heads, head_dim] from the kept heads'
         columns alone (`project_kept_heads`): one token of one sequence (decoding) on the CPU, binary gates at
         inference, no fallback outputs, and the block's o_proj still the plain nn.Linear whose forward is ours."""
-        return self.decodes_from_kept_heads(per_head.shape[0] * per_head.shape[1], per_head.device)
-
-    def decodes_from_kept_heads(self, tokens: int, device: torch.device) -> bool:
-        """`projects_kept_heads_only` for a forward of `tokens` tokens in all (batch x sequence) on `device`; also
-        asked by k_proj's forward before the attention output exists."""
         return (
-            tokens == 1
-            and device.type == "cpu"
+            per_head.shape[0] * per_head.shape[1] == 1
+            and per_head.device.type == "cpu"
             and self.gate_mode == "binary"
             and not self.training
             and not self.record_routing
@@ -490,8 +468,6 @@ class MoHHeadRouting(nn.Module):
         if self.router_uses_query:
             norms = torch.linalg.vector_norm(queries.reshape(self.num_heads, -1), dim=-1, dtype=torch.float32)
             scores = norms + self._head_index("shared-protection", queries.device)
-        elif pending.router_scores is not None:  # from k_proj's product (`project_keys_and_route`)
-            scores, pending.router_scores = pending.router_scores, None
         else:
             weight, bias = self.scores_over_all_heads(hidden_states)
             scores = F.linear(hidden_states.view(-1), weight, bias)
@@ -522,42 +498,6 @@ class MoHHeadRouting(nn.Module):
         if linear.bias is not None:
             projected = projected + linear.bias
         return projected.view(*attn_output.shape[:-1], -1)
-
-    def project_keys_and_route(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """k_proj's forward on the sparse path of a learned router (which reads the block input, k_proj's input too).
-        When decoding one token on the CPU (`decodes_from_kept_heads`), one product computes the keys and the
-        router's scores over every head: k_proj's weight with the router's rows appended (`scores_over_all_heads`:
-        +inf at the shared heads). A separate router product would cost as much as any small op between the
-        weight-bound products of a decoded token (tens of microseconds, on every routed layer), for 9 rows of
-        arithmetic. The scores go to `kept_head_columns` through `pending`. Costs one copy of k_proj's weight per
-        routed layer (built at the first decoded token, rebuilt when k_proj's or the router's tensors change).
-        Otherwise: the plain linear layer."""
-        linear = self.key_projection
-        if not self.decodes_from_kept_heads(hidden_states.numel() // hidden_states.shape[-1], hidden_states.device):
-            self.pending.router_scores = None
-            return F.linear(hidden_states, linear.weight, linear.bias)
-        router_weight, router_bias = self.scores_over_all_heads(hidden_states)
-        weight, bias = linear.weight, linear.bias
-        cached = self._keys_and_router_weight
-        if (
-            cached is None
-            or cached[0] is not weight
-            or cached[1] != weight._version
-            or cached[2] != weight.data_ptr()
-            or cached[3] is not router_weight
-            or cached[4] is not bias
-            or (bias is not None and cached[5] != bias._version)
-        ):
-            # (A zero bias for the keys when k_proj has none: adding 0.0 leaves them as the plain product's.)
-            key_bias = bias.detach() if bias is not None else weight.new_zeros(linear.out_features)
-            cached = self._keys_and_router_weight = (
-                weight, weight._version, weight.data_ptr(), router_weight, bias, None if bias is None else bias._version,
-                torch.cat([weight.detach().to(router_weight.dtype), router_weight]),
-                torch.cat([key_bias.to(router_bias.dtype), router_bias]),
-            )
-        keys_and_scores = F.linear(hidden_states, cached[6], cached[7])
-        self.pending.router_scores = keys_and_scores[..., linear.out_features :].reshape(-1)
-        return keys_and_scores[..., : linear.out_features]
 
     def gate_attention_output(self, attn_output: torch.Tensor) -> torch.Tensor:
         """The masked path's o_proj pre-hook: attn_output is o_proj's input [batch, seq, num_heads * head_dim]."""
