@@ -143,7 +143,7 @@ def test_generated_training_text_is_written_once_and_reused_on_resume(tiny_moh, 
     assert calls == [1] and (run / "generated-text.jsonl").read_bytes() == before
 
 
-@pytest.mark.parametrize("name, trainable", [("smollm2-135m-moh-distill.yaml", "attention"),
+@pytest.mark.parametrize("name, trainable", [("smollm2-135m-moh-distill.yaml", "all"),
                                              ("llama3-8b-moh75-distill.yaml", "all")])
 def test_shipped_distillation_recipes_parse(name, trainable):
     from moh_convert.train.recipe import load_recipe
