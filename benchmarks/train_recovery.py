@@ -7,8 +7,8 @@ against distillation from the dense model, at the same budget of CPU minutes and
 
 Models (converted here unless given): paper = `moh convert --active-heads 6 --no-calibration` (first 4 heads
 shared, query-norm router); calibrated = `moh convert --active-heads 6` (the default calibration). Every run trains
---trainable (default: the attention blocks) on the same text, the same steps and tokens. Text (--data): mix (default)
-= four kinds interleaved, ~--generate-tokens each (benchmarks/training_mix.py: WikiText-2 valid articles, GSM8K train
+--trainable (default: every weight, as the shipped distillation recipe does) on the same text, the same steps and
+tokens. Text (--data): mix (default) = four kinds interleaved, ~--generate-tokens each (benchmarks/training_mix.py: WikiText-2 valid articles, GSM8K train
 solutions, modules of installed packages, and text the dense model writes itself); teacher = only the text the dense
 model writes (`data: {generate: default}`: chat replies to the shipped prompts and free samples). Written once here
 and given to every run as the same file; none of it is evaluation text. Objectives: lm = next-token loss; distill = KL(dense || MoH) of the
@@ -126,9 +126,9 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--global-batch-tokens", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--final-learning-rate", type=float, default=5e-5)
-    parser.add_argument("--trainable", default="attention", choices=["all", "attention", "routers", "lora"])
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--final-learning-rate", type=float, default=3e-5)
+    parser.add_argument("--trainable", default="all", choices=["all", "attention", "routers", "lora"])
     parser.add_argument("--load-balance-coef", type=float, default=0.01)
     parser.add_argument("--data", default="mix", choices=["mix", "teacher"],
                         help="mix: four kinds of text (prose, math, code, teacher-written); teacher: teacher-written only")
