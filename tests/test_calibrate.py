@@ -236,33 +236,3 @@ def test_objective_chooses_static_layers_and_they_run_sparse(tiny_checkpoints, t
     assert result.dry_run and not result.load_check_skipped
     card = next(upload for upload in result.files if upload.path_in_repo == "README.md")
     assert b"| static layers (fixed heads, no router) | 2 of 2 (0, 1) |" in card.content
-
-
-def test_model_refit_target_aims_at_the_dense_models_stream(tiny_checkpoints, text_file, tmp_path):
-    """--refit-target model: the first layer sees the same hidden states either way, so its refitted o_proj is the
-    'layer' target's; above it the target also carries the drift of the layers below, so the weights differ."""
-    folders = {}
-    for target in ("layer", "model"):
-        folders[target] = converted(tiny_checkpoints, "llama", tmp_path / target)
-        calibrate(folders[target], calibration_data=str(text_file), refit_target=target, **SETTINGS)
-    layer, model = source_tensors(folders["layer"]), source_tensors(folders["model"])
-    first, second = (f"model.layers.{index}.self_attn.o_proj.weight" for index in (0, 1))
-    torch.testing.assert_close(model[first], layer[first], atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(model[second], layer[second], atol=1e-4)
-    report = json.loads((folders["model"] / "calibration_report.json").read_text())
-    assert "refitted by least squares to the dense model's output" in report["method"]
-
-
-@pytest.mark.parametrize("model_type, expected", [("llama", 1.0), ("gemma3_text", None), ("olmo2", None)])
-def test_attention_residual_scale(model_type, expected, tiny_checkpoints):
-    from moh_convert.calibrate.layers import attention_residual_scale
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[model_type])
-    assert attention_residual_scale(model.model.layers[0]) == expected
-
-
-def test_attention_residual_scale_of_granite_is_its_residual_multiplier(tiny_checkpoints):
-    from moh_convert.calibrate.layers import attention_residual_scale
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["granite"])
-    assert attention_residual_scale(model.model.layers[0]) == pytest.approx(model.config.residual_multiplier)

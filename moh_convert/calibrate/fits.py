@@ -245,12 +245,9 @@ def routed_head_outputs(outputs: torch.Tensor, num_heads: int, routing: LayerRou
     return (per_head * gates.unsqueeze(-1) + (1.0 - gates).unsqueeze(-1) * routing.fallback).flatten(1)
 
 
-def refit_output_projection(
-    seen: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor, ridge: float, target: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """W' minimising ||T - seen W'^T||^2 + r ||W' - W||^2 with T = dense W^T (or `target` [tokens, out] when given):
-    the output projection refitted so that the heads a token keeps make up for the ones it skips. seen/dense: o_proj
-    inputs [tokens, heads*head_dim].
+def refit_output_projection(seen: torch.Tensor, dense: torch.Tensor, weight: torch.Tensor, ridge: float) -> torch.Tensor:
+    """W' minimising ||dense W^T - seen W'^T||^2 + r ||W' - W||^2: the output projection refitted so that the heads a
+    token keeps make up for the ones it skips. seen/dense: o_proj inputs [tokens, heads*head_dim].
 
     Normal equations (S^T S + r I) W'^T = S^T (D W^T) + r W^T in float64, solved through a Cholesky factor (the
     ridge makes the system positive definite). The right side is accumulated from the dense outputs D W^T chunk by
@@ -258,14 +255,11 @@ def refit_output_projection(
     device of `seen`; the result is in `weight`'s dtype."""
     gram = torch.zeros(seen.shape[1], seen.shape[1], dtype=torch.float64, device=seen.device)
     right_side = torch.zeros(seen.shape[1], weight.shape[0], dtype=torch.float64, device=seen.device)
-    targets = target.split(512) if target is not None else (None for _ in range(0, seen.shape[0], 512))
-    for seen_chunk, dense_chunk, target_chunk in zip(seen.split(512), dense.split(512), targets):
+    for seen_chunk, dense_chunk in zip(seen.split(512), dense.split(512)):
         seen_chunk = seen_chunk.double()
         gram.addmm_(seen_chunk.T, seen_chunk)
-        if target_chunk is None:
-            # D W^T is the dense layer's own o_proj output: computed in the weight's precision, as the model does.
-            target_chunk = dense_chunk.float() @ weight.float().T
-        right_side.addmm_(seen_chunk.T, target_chunk.double())
+        # D W^T is the dense layer's own o_proj output: computed in the weight's precision, as the model does.
+        right_side.addmm_(seen_chunk.T, (dense_chunk.float() @ weight.float().T).double())
     strength = (ridge * gram.diagonal().mean()).item()
     right_side.add_(weight.T, alpha=strength)
     gram.diagonal().add_(strength)

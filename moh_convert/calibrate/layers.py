@@ -73,44 +73,6 @@ def head_outputs_and_inputs(layer, attention, hidden_batches, kwargs_batches) ->
     return torch.cat(inputs).float(), torch.cat(outputs).float()
 
 
-def dense_model_targets(
-    layer, attention, dense_batches, calibrated_batches, kwargs_batches, residual_scale: float | None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run the dense `layer` on the dense model's own hidden states. Returns what o_proj's product should give
-    [tokens, hidden] for the calibrated layer to put the dense model's attention output into the residual stream
-    (without o_proj's bias), plus, when attention's output enters the residual stream scaled by `residual_scale`
-    (not None), the dense minus calibrated hidden states at the layer's input over that scale: the residual stream
-    after attention is then the dense model's. Also returns the dense stream's next batches."""
-    captured = []
-
-    def keep_output(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = attention.register_forward_hook(keep_output)
-    try:
-        next_batches = run_layer(layer, dense_batches, kwargs_batches)
-    finally:
-        handle.remove()
-    bias = attention.o_proj.bias
-    targets = []
-    for output, dense, calibrated in zip(captured, dense_batches, calibrated_batches):
-        target = output.float().reshape(-1, output.shape[-1])
-        if bias is not None:
-            target = target - bias.float()
-        if residual_scale is not None:
-            target = target + (dense.float() - calibrated.float()).reshape(-1, output.shape[-1]) / residual_scale
-        targets.append(target)
-    return torch.cat(targets), next_batches
-
-
-def attention_residual_scale(layer) -> float | None:
-    """The factor o_proj's output is multiplied by before it is added to the residual stream (1, or Granite's
-    residual_multiplier), or None where it is normalised first (Gemma 2/3 and OLMo2's post-attention norms)."""
-    if hasattr(layer, "pre_feedforward_layernorm") or not hasattr(layer, "input_layernorm"):
-        return None
-    return float(getattr(layer, "residual_multiplier", 1.0))
-
-
 def run_layer(layer, hidden_batches, kwargs_batches) -> list[torch.Tensor]:
     return [layer(hidden_states, **kwargs) for hidden_states, kwargs in zip(hidden_batches, kwargs_batches)]
 

@@ -44,8 +44,7 @@ def method_description(settings: CalibrationSettings) -> str:
         "heads by oracle keep frequency, their number chosen by held-back reconstruction error "
         f"(objective {settings.objective}: log(error) + {SPEED_WEIGHTS[settings.objective]} x attention cost); ridge linear "
         "router on the attention input"
-        + (f"; o_proj refitted by least squares to the dense {settings.refit_target}'s output "
-           f"(ridge {settings.output_ridge})"
+        + (f"; o_proj refitted by least squares to the dense output (ridge {settings.output_ridge})"
            if settings.refit_output_projection else "")
     )
 

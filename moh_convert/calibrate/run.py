@@ -26,9 +26,7 @@ from .allocation import ALLOCATION_TOKENS, allocate_active_heads, minimum_active
 from .data import CalibrationMix, load_calibration_mix
 from .device import CALIBRATION_DTYPES, describe_device, peak_device_memory_mb, place, resolve_calibration_device
 from .fits import fit_routing, refit_output_projection, routed_head_outputs
-from .layers import (
-    attention_residual_scale, dense_model_targets, head_outputs_and_inputs, record_layer_inputs, run_layer, stream_loss,
-)
+from .layers import head_outputs_and_inputs, record_layer_inputs, run_layer, stream_loss
 from .memory import release_freed_memory, return_large_blocks_to_the_os
 from .report import LayerSummary, build_report, calibration_card_section
 from .settings import REPORT_NAME, SPEED_WEIGHTS, CalibrationSettings
@@ -60,14 +58,11 @@ def calibrate_folder(folder: Path, settings: CalibrationSettings, shared_heads: 
     active_heads = [config.active_heads(layer_idx) for layer_idx in range(config.num_layers)]
     if settings.head_allocation == "per-layer":
         active_heads = per_layer_active_heads(source, streams, config, sum(active_heads))
-    refit = settings.refit_output_projection and refits_output_projection(mix)
-    if refit and settings.refit_target == "model":
-        streams.calibration_dense = list(streams.calibration)
     run = LayerwiseRun(
         settings=settings, config=config, calibrated=calibrated_config(config), source=source, streams=streams,
         active_heads=active_heads,
         fixed_shared=None if shared_heads == "auto" else shared_heads,
-        refit=refit,
+        refit=settings.refit_output_projection and refits_output_projection(mix),
         refit_dir=folder / REFIT_DIR, dtype=weights_dtype(config.text_config), device=device,
         compute_dtype=compute_dtype,
     )
@@ -134,7 +129,6 @@ class Streams:
     heldout_tokens: list[torch.Tensor]
     calibration_kwargs: list[list[dict]]  # [layer][batch]
     heldout_kwargs: list[list[dict]]
-    calibration_dense: list[torch.Tensor] | None = None  # the calibration text through the dense layers ('model' refit target)
 
     @classmethod
     def start(cls, decoder, calibration_windows, heldout_windows, batch_size: int,
@@ -193,12 +187,6 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
         streams.heldout["dense"] = run_layer(layer, streams.heldout["dense"], heldout_kwargs)
         streams.heldout["before"] = run_as_converted(run, layer, layer_idx, streams.heldout["before"], heldout_kwargs)
 
-    model_target = None
-    if streams.calibration_dense is not None:  # the dense model's own stream, for the refit's target
-        model_target, streams.calibration_dense = dense_model_targets(
-            layer, attention, streams.calibration_dense, streams.calibration, calibration_kwargs,
-            attention_residual_scale(layer))
-
     # Step 1: the dense layer's attention inputs and head outputs; steps 2-5: shared heads, router, fallbacks.
     inputs, outputs = head_outputs_and_inputs(layer, attention, streams.calibration, calibration_kwargs)
     active = run.active_heads[layer_idx]
@@ -211,11 +199,11 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     output_projection = None
     if run.refit and active < config.num_heads:  # step 6
         seen = routed_head_outputs(outputs, config.num_heads, routing)
-        refitted = refit_output_projection(seen, outputs, o_proj_weight, run.settings.output_ridge, model_target)
+        refitted = refit_output_projection(seen, outputs, o_proj_weight, run.settings.output_ridge)
         del seen
         attention.o_proj.weight.copy_(refitted)
         output_projection = save_output_projection(run.refit_dir, layer_idx, refitted.to(device="cpu", dtype=run.dtype))
-    del outputs, o_proj_weight, model_target
+    del outputs, o_proj_weight
 
     # Step 7: the layer runs as MoH and feeds the next layer.
     module = MoHHeadRouting.attach_to(attention, run.calibrated, layer_idx).to(run.device)

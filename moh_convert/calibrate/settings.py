@@ -70,12 +70,6 @@ class CalibrationSettings(BaseModel):
         "strength relative to the mean squared head output): larger keeps more of the source model and fits the "
         "calibration text less closely."
     )
-    refit_target: Literal["layer", "model"] = Field(
-        "layer", description="What the refitted output projection aims at: 'layer' (what the dense layer outputs on "
-        "the calibrated model's hidden states) or 'model' (what the dense model's attention outputs at this layer, "
-        "plus the difference between the dense and calibrated hidden states where the family adds attention output "
-        "to the residual stream as is: each layer then also undoes part of the drift of the layers below)."
-    )
     objective: Literal["quality", "balanced", "speed"] = Field(
         "balanced", description="What each layer's split of shared and routed heads optimises: 'quality' (the least "
         "attention output lost, whatever the routed heads cost), 'speed' (layers keep a fixed set of heads and skip "
