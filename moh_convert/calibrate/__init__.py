@@ -10,8 +10,7 @@ layers below pass them on:
    output on held-back calibration tokens wins. The layer keeps shared + top-K = active heads per token.
    (Sharing the paper's 50% of heads measured far worse on SmolLM2: 1.53x dense perplexity at 6/9 vs 1.19x with
    none; see BENCHMARKS.md.)
-4. The router is linear, fitted by ridge regression from x to the log importance of each routed head
-   (`--router-ridge` sets the ridge).
+4. The router is linear, fitted by ridge regression from x to the log importance of each routed head.
 5. A routed head a token skips outputs zero (default), or with `--head-fallback mean` its mean output over the
    tokens that skip it, importance then being measured against that mean.
 6. The output projection o_proj is refitted by ridge least squares, min ||h W_O^T - s W'^T||^2 + r ||W' - W_O||^2

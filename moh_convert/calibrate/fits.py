@@ -64,7 +64,6 @@ class LayerRouting:
 def fit_routing(
     inputs: torch.Tensor, outputs: torch.Tensor, o_proj_weight: torch.Tensor, num_heads: int, active: int,
     head_fallback: Literal["zero", "mean"], fixed_shared: int | None, speed_weight: float = 0.0,
-    router_ridge: float = RIDGE,
 ) -> LayerRouting:
     """Steps 2 to 5 of the method (see the package docstring): importance, shared heads, router, fallbacks."""
     inputs, outputs, o_proj_weight = inputs.float(), outputs.float(), o_proj_weight.float()
@@ -75,8 +74,7 @@ def fit_routing(
     # The last fifth of the tokens (at most CHECK_TOKENS) judges candidate splits.
     num_check = min(CHECK_TOKENS, importance.shape[0] // 5)
     deviation_check = outputs[-num_check:].view(num_check, num_heads, -1) - head_means
-    split = choose_head_split(inputs, importance, deviation_check, o_proj_weight, active, fixed_shared, speed_weight,
-                              router_ridge)
+    split = choose_head_split(inputs, importance, deviation_check, o_proj_weight, active, fixed_shared, speed_weight)
     del deviation_check
     router_pick = top_k_mask(inputs @ split.weight.T + split.bias, split.top_k)
     oracle_pick = top_k_mask(importance[:, split.routed], split.top_k)
@@ -143,7 +141,7 @@ def split_score(candidate: SplitCandidate, speed_weight: float) -> float:
 
 
 def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active: int, fixed_shared: int | None,
-                      speed_weight: float = 0.0, router_ridge: float = RIDGE) -> HeadSplit:
+                      speed_weight: float = 0.0) -> HeadSplit:
     """Pick the shared heads and fit the router of one layer.
 
     Shared heads are the heads the oracle keeps most often. How many: `fixed_shared` if the user set it, otherwise
@@ -163,7 +161,7 @@ def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active
     frequency = keep_frequency(importance, active)
     order = frequency.argsort(descending=True).tolist()
     counts = [min(fixed_shared, active)] if fixed_shared is not None else candidate_shared_counts(active)
-    fit_part = RidgeRouterFit(inputs[:num_fit] if fixed_shared is None else inputs, router_ridge)
+    fit_part = RidgeRouterFit(inputs[:num_fit]) if fixed_shared is None else RidgeRouterFit(inputs)
     best, best_score, candidates = None, math.inf, []
     # Everything skipped: the layer's whole attention output (beyond the fallbacks), what errors are shares of.
     output_energy = reconstruction_error(deviation_check, torch.ones_like(importance[-deviation_check.shape[0]:]),
@@ -196,7 +194,7 @@ def choose_head_split(inputs, importance, deviation_check, o_proj_weight, active
     if fixed_shared is None and best.top_k > 0:
         # Refit the chosen router on every calibration token.
         targets = importance[:, best.routed].clamp_min(1e-6).log()
-        best.weight, best.bias = RidgeRouterFit(inputs, router_ridge).fit(targets)
+        best.weight, best.bias = RidgeRouterFit(inputs).fit(targets)
     return best
 
 
@@ -204,12 +202,12 @@ class RidgeRouterFit:
     """Ridge regression targets ≈ inputs @ W.T + b for several sets of targets on the same inputs (one per candidate
     split of a layer): the normal matrix is accumulated in float64 chunk by chunk and factored once."""
 
-    def __init__(self, inputs: torch.Tensor, ridge: float = RIDGE):
+    def __init__(self, inputs: torch.Tensor):
         self.inputs = inputs
         gram = torch.zeros(inputs.shape[1] + 1, inputs.shape[1] + 1, dtype=torch.float64, device=inputs.device)
         for features in self._feature_chunks():
             gram.addmm_(features.T, features)
-        ridge = ridge * gram.diagonal()[:-1].mean()
+        ridge = RIDGE * gram.diagonal()[:-1].mean()
         gram.diagonal()[:-1].add_(ridge)  # not on the bias
         self.factor = torch.linalg.cholesky(gram)
 

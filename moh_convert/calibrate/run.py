@@ -192,7 +192,7 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     active = run.active_heads[layer_idx]
     o_proj_weight = attention.o_proj.weight.float()  # the fits work in float32 whatever the layer's dtype
     routing = fit_routing(inputs, outputs, o_proj_weight, config.num_heads, active, run.settings.head_fallback,
-                          run.fixed_shared, SPEED_WEIGHTS[run.settings.objective], run.settings.router_ridge)
+                          run.fixed_shared, SPEED_WEIGHTS[run.settings.objective])
     del inputs  # the router is fitted: free the inputs before the refit's matrices
     split = routing.split
     run.calibrated.shared_heads[layer_idx], run.calibrated.routed_top_k[layer_idx] = split.shared, split.top_k

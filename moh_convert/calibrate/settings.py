@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import MoHError
 from ..model_card import CALIBRATION_REPORT
-from .fits import OUTPUT_RIDGE, RIDGE
+from .fits import OUTPUT_RIDGE
 
 REPORT_NAME = CALIBRATION_REPORT  # written next to the calibrated model; the model card reads it under this name
 # A model's own samples at temperature 1 are easier text than real text; sampling a little hotter gives calibration
@@ -69,11 +69,6 @@ class CalibrationSettings(BaseModel):
         OUTPUT_RIDGE, ge=0, description="How strongly the refitted output projection stays near the original (ridge "
         "strength relative to the mean squared head output): larger keeps more of the source model and fits the "
         "calibration text less closely."
-    )
-    router_ridge: float = Field(
-        RIDGE, gt=0, description="Ridge strength of the router's regression from the attention input to each routed "
-        "head's log importance (relative to the inputs' mean square): larger keeps the router from following the "
-        "calibration text's particulars."
     )
     objective: Literal["quality", "balanced", "speed"] = Field(
         "balanced", description="What each layer's split of shared and routed heads optimises: 'quality' (the least "
