@@ -202,6 +202,25 @@ def test_without_refit_o_proj_is_the_sources(tiny_checkpoints, text_file, tmp_pa
     assert json.loads((out / "calibration_report.json").read_text())["output_projection_refit"] is False
 
 
+def test_router_refit_after_the_output_projection_refit_changes_routers_and_is_reported(tiny_checkpoints, text_file,
+                                                                                      tmp_path):
+    folders = {}
+    for refit_router in (True, False):  # one shared head fixed: every layer routes (a static layer has no router)
+        out = converted(tiny_checkpoints, "llama", tmp_path / f"moh-{refit_router}")
+        calibrate(out, calibration_data=str(text_file), refit_router=refit_router, shared_heads=1, **SETTINGS)
+        report = json.loads((out / "calibration_report.json").read_text())
+        assert report["router_refit"] is refit_router and report["output_projection_refit"] is True
+        assert ("router refitted" in report["method"]) is refit_router
+        folders[refit_router] = {}
+        for shard in out.glob("*.safetensors"):
+            with safe_open(shard, framework="pt") as handle:
+                folders[refit_router].update({name: handle.get_tensor(name) for name in handle.keys()})
+    # The single fit and the refit differ in the routers and in o_proj (refitted again for the new routing).
+    for part in (".moh.router", "o_proj"):
+        names = [name for name in folders[True] if part in name]
+        assert names and any(not torch.equal(folders[True][name], folders[False][name]) for name in names)
+
+
 def test_objective_chooses_static_layers_and_they_run_sparse(tiny_checkpoints, text_file, tmp_path, monkeypatch):
     """--objective: every layer's candidate splits are reported with their lost output and cost; a speed weight
     large enough makes every layer static (its active heads shared, no router), and such a model's sparse path

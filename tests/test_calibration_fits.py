@@ -4,7 +4,8 @@ import torch
 
 from moh_convert.calibrate.fits import (
     OUTPUT_RIDGE, RIDGE, HeadSplit, RidgeRouterFit, SplitCandidate, attention_cost, candidate_shared_counts,
-    choose_head_split, head_importance, refit_output_projection, split_score,
+    choose_head_split, fit_routing, head_importance, refit_output_projection, refit_router_to_projection, split_score,
+    top_k_mask,
 )
 from moh_convert.calibrate.settings import SPEED_WEIGHTS
 
@@ -66,6 +67,40 @@ def test_output_projection_refit_lowers_the_error_and_keeps_the_original_without
     assert error_after < 0.9 * error_before
     # Nothing skipped: the original projection is already the least-squares solution.
     assert torch.allclose(refit_output_projection(dense, dense, weight, OUTPUT_RIDGE), weight, atol=1e-4)
+
+
+def test_router_refitted_to_a_new_output_projection_follows_the_heads_that_matter_through_it():
+    """After o_proj changes, the heads worth keeping per token change: the refitted router is the ridge fit of the
+    log importance through the new projection, agrees with that oracle better than the first router, and a layer
+    with nothing to route keeps its routing."""
+    torch.manual_seed(3)
+    num_tokens, hidden, num_heads, head_dim = 3000, 12, 4, 4
+    inputs = torch.randn(num_tokens, hidden)
+    # Each head's output size is a (log-)linear function of the input: a linear router can learn who matters.
+    scale = (inputs @ torch.randn(hidden, num_heads) * 0.7).exp()
+    outputs = (torch.randn(num_tokens, num_heads, head_dim) * scale.unsqueeze(-1)).flatten(1)
+    weight = torch.randn(hidden, num_heads * head_dim)
+    routing = fit_routing(inputs, outputs, weight, num_heads, active=2, head_fallback="zero", fixed_shared=1)
+    assert routing.split.top_k == 1 and len(routing.split.routed) == 3
+    new_weight = weight.clone()
+    routed = routing.split.routed
+    new_weight[:, routed[0] * head_dim:(routed[0] + 1) * head_dim] *= 4.0  # one routed head now moves 4x more
+    new_weight[:, routed[1] * head_dim:(routed[1] + 1) * head_dim] *= 0.25
+
+    refitted = refit_router_to_projection(inputs, outputs, new_weight, num_heads, routing)
+    importance = head_importance(outputs, routing.fallback, new_weight)[:, routed]
+    expected_weight, expected_bias = RidgeRouterFit(inputs).fit(importance.log())
+    torch.testing.assert_close(refitted.split.weight, expected_weight)
+    torch.testing.assert_close(refitted.split.bias, expected_bias)
+    assert refitted.split.shared == routing.split.shared and refitted.split.top_k == 1
+    oracle = top_k_mask(importance, 1)
+    old_pick = top_k_mask(inputs @ routing.split.weight.T + routing.split.bias, 1)
+    old_agreement = (old_pick * oracle).sum(1).mean().item()
+    assert refitted.agreement == pytest.approx((refitted.router_pick * oracle).sum(1).mean().item())
+    assert refitted.agreement > old_agreement + 0.05
+
+    static = fit_routing(inputs, outputs, weight, num_heads, active=2, head_fallback="zero", fixed_shared=2)
+    assert static.split.top_k == 0 and refit_router_to_projection(inputs, outputs, new_weight, num_heads, static) is static
 
 
 @pytest.mark.parametrize("fixed_shared", [None, 1])

@@ -17,7 +17,10 @@ layers below pass them on:
    with s = o_proj's input as the MoH layer sees it (skipped heads at their fallback): the kept heads then make
    up for part of what the skipped ones contributed (`--no-refit-output-projection` turns it off). The refitted
    weights replace the originals in their shards (same names, dtype and shape).
-7. The layer then runs as MoH, and its output feeds the next layer's calibration.
+7. The router is fitted again, to the routed heads' importance through the refitted o_proj (the refit changes which
+   heads a token does best without), and o_proj is refitted once more, from W_O, for that routing
+   (`--no-refit-router` stops after step 6).
+8. The layer then runs as MoH, and its output feeds the next layer's calibration.
 Only one decoder layer's weights are in memory at a time (read from the safetensors shards), plus the embeddings,
 the final norm and the LM head, plus activations. Layers and activations live on the calibration device (CUDA when
 available) in the calibration dtype (float32, or bfloat16); the fits always accumulate in float32/float64.

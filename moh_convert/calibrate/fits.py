@@ -236,6 +236,29 @@ def skipped_head_fallback(per_head, head_means, router_pick, routed: list[int], 
     return fallback
 
 
+def refit_router_to_projection(inputs: torch.Tensor, outputs: torch.Tensor, o_proj_weight: torch.Tensor,
+                               num_heads: int, routing: LayerRouting) -> LayerRouting:
+    """The same split with its router refitted to the routed heads' importance under `o_proj_weight` (the refitted
+    output projection) and measured from the fallbacks the layer actually uses: ||(h_i - f_i) W'_O^i||.
+
+    The first router is fitted before o_proj is refitted, to what each head moves through the source's projection.
+    The refit changes what a skipped head costs (the kept heads' columns now make up for the usual losers), so the
+    heads worth keeping per token change too. Refitting the router to them measured better on held-out chat, math
+    and code (BENCHMARKS.md, "Router fitted to the refitted output projection")."""
+    split = routing.split
+    if split.top_k == 0 or split.top_k == len(split.routed):
+        return routing  # nothing to route: every routed head is always skipped, or always kept
+    inputs, outputs, o_proj_weight = inputs.float(), outputs.float(), o_proj_weight.float()
+    importance = head_importance(outputs, routing.fallback.float(), o_proj_weight)[:, split.routed]
+    weight, bias = RidgeRouterFit(inputs).fit(importance.clamp_min(1e-6).log())
+    router_pick = top_k_mask(inputs @ weight.T + bias, split.top_k)
+    oracle_pick = top_k_mask(importance, split.top_k)
+    agreement = (router_pick * oracle_pick).sum(1).mean().item() / split.top_k
+    refitted_split = HeadSplit(shared=split.shared, routed=split.routed, top_k=split.top_k, weight=weight, bias=bias,
+                               error=split.error, frequency=split.frequency, candidates=split.candidates)
+    return LayerRouting(split=refitted_split, router_pick=router_pick, fallback=routing.fallback, agreement=agreement)
+
+
 def routed_head_outputs(outputs: torch.Tensor, num_heads: int, routing: LayerRouting) -> torch.Tensor:
     """o_proj's input [tokens, heads*head_dim] as the calibrated layer sees it: kept heads' outputs, fallbacks for
     skipped ones."""

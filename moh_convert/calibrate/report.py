@@ -46,6 +46,8 @@ def method_description(settings: CalibrationSettings) -> str:
         "router on the attention input"
         + (f"; o_proj refitted by least squares to the dense output (ridge {settings.output_ridge})"
            if settings.refit_output_projection else "")
+        + ("; router refitted to the importance through the refitted o_proj, then o_proj refitted for that routing"
+           if settings.refit_output_projection and settings.refit_router else "")
     )
 
 
@@ -74,6 +76,7 @@ def build_report(
     report = {
         "method": method_description(settings),
         "output_projection_refit": output_projection_refit,
+        "router_refit": output_projection_refit and settings.refit_router,  # step 7: router fitted again after the refit
         "calibration_data": settings.calibration_data,  # as given: a string, or the list of SOURCE[:WEIGHT] entries
         "self_sampling": sampling_record(sources, chat_sampling),
         "calibration_tokens": calibration_tokens,

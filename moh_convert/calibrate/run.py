@@ -25,7 +25,7 @@ from ..modeling.modeling_moh import MoHHeadRouting
 from .allocation import ALLOCATION_TOKENS, allocate_active_heads, minimum_active_heads, oracle_loss_curves
 from .data import CalibrationMix, load_calibration_mix
 from .device import CALIBRATION_DTYPES, describe_device, peak_device_memory_mb, place, resolve_calibration_device
-from .fits import fit_routing, refit_output_projection, routed_head_outputs
+from .fits import fit_routing, refit_output_projection, refit_router_to_projection, routed_head_outputs
 from .layers import head_outputs_and_inputs, record_layer_inputs, run_layer, stream_loss
 from .memory import release_freed_memory, return_large_blocks_to_the_os
 from .report import LayerSummary, build_report, calibration_card_section
@@ -193,19 +193,28 @@ def calibrate_layer(run: LayerwiseRun, layer_idx: int) -> LayerResult:
     o_proj_weight = attention.o_proj.weight.float()  # the fits work in float32 whatever the layer's dtype
     routing = fit_routing(inputs, outputs, o_proj_weight, config.num_heads, active, run.settings.head_fallback,
                           run.fixed_shared, SPEED_WEIGHTS[run.settings.objective])
-    del inputs  # the router is fitted: free the inputs before the refit's matrices
-    split = routing.split
-    run.calibrated.shared_heads[layer_idx], run.calibrated.routed_top_k[layer_idx] = split.shared, split.top_k
+    refits = run.refit and active < config.num_heads
+    if not (refits and run.settings.refit_router):
+        inputs = None  # the router is fitted for good: free the inputs before the refit's matrices
     output_projection = None
-    if run.refit and active < config.num_heads:  # step 6
+    if refits:  # steps 6 and 7
         seen = routed_head_outputs(outputs, config.num_heads, routing)
         refitted = refit_output_projection(seen, outputs, o_proj_weight, run.settings.output_ridge)
         del seen
+        if run.settings.refit_router:
+            # The router again, to the heads' importance through the refitted o_proj; then o_proj for that routing
+            # (from the source's weight, as the first refit).
+            routing = refit_router_to_projection(inputs, outputs, refitted, config.num_heads, routing)
+            seen = routed_head_outputs(outputs, config.num_heads, routing)
+            refitted = refit_output_projection(seen, outputs, o_proj_weight, run.settings.output_ridge)
+            del seen
         attention.o_proj.weight.copy_(refitted)
         output_projection = save_output_projection(run.refit_dir, layer_idx, refitted.to(device="cpu", dtype=run.dtype))
-    del outputs, o_proj_weight
+    del inputs, outputs, o_proj_weight
+    split = routing.split
+    run.calibrated.shared_heads[layer_idx], run.calibrated.routed_top_k[layer_idx] = split.shared, split.top_k
 
-    # Step 7: the layer runs as MoH and feeds the next layer.
+    # Step 8: the layer runs as MoH and feeds the next layer.
     module = MoHHeadRouting.attach_to(attention, run.calibrated, layer_idx).to(run.device)
     module.router.routed_proj.weight.copy_(split.weight)
     module.router.routed_proj.bias.copy_(split.bias)
