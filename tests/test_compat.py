@@ -43,6 +43,7 @@ def test_calibrating_the_source_again_gives_the_same_model(tmp_path):
         calibration_tokens=1024, calibration_seq_len=64, calibration_heldout_tokens=256,
         objective="quality",  # the split rule of that version (the default objective is now "balanced")
         output_ridge=1e-2,  # the output projection's ridge of that version (the default is now 0.1)
+        refit_router=False,  # that version fitted each router once (the default now refits it after o_proj)
     )
     earlier = PRE_REFACTOR / "llama-calibrated"
     new_report = json.loads((out / "calibration_report.json").read_text())
