@@ -308,7 +308,7 @@ def test_two_process_ddp_matches_one_process_on_smollm2(smollm2_moh_6of9, tmp_pa
         "final_learning_rate": 1e-5, "eval_windows": 2, "eval_every": 2,
     }
     recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    one, two = train_in_one_and_two_processes(recipe_path, tmp_path, 29600)
+    one, two = train_in_one_and_two_processes(recipe_path, tmp_path)
     assert json.loads((tmp_path / "two" / "model" / "training_summary.json").read_text())["processes"] == 2
     assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2]
     for a, b in zip(one, two):
