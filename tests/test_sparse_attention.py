@@ -288,6 +288,50 @@ def test_short_prefills_take_the_dense_kernel_then_gates(converted_half_heads, m
     assert counter.rows > 0
 
 
+@pytest.mark.parametrize("model_type", list(TINY_FAMILIES))
+def test_routed_heads_most_tokens_chose_run_with_the_shared_heads(model_type, converted_half_heads, monkeypatch):
+    """A routed head that most tokens selected costs less computed for every token (then zeroed where unselected)
+    than as gathered rows: same logits as the masked path, padded or not, with a cache offset, and fewer rows than
+    the routed heads' selections alone would be if every head went dense."""
+    # 20 tokens: a routed row costs 1 + 30 / 20 = 2.5 dense rows, so heads chosen by at least 40% of the tokens go dense.
+    monkeypatch.setattr(modeling_moh, "ROWS_PATH_CHUNK_TOKENS", 1.5 * SEQ)
+    model = AutoModelForCausalLM.from_pretrained(converted_half_heads[model_type]).eval()
+    choices = []
+    original = modeling_moh.MoHHeadRouting.densely_computed_routed_heads
+
+    def spy(self, routed_mask, q_len):
+        chosen = original(self, routed_mask, q_len)
+        choices.append((chosen, routed_mask.reshape(-1, routed_mask.shape[-1]).mean(0)))
+        return chosen
+
+    monkeypatch.setattr(modeling_moh.MoHHeadRouting, "densely_computed_routed_heads", spy)
+    input_ids, attention_mask, position_ids = padded_batch()
+    for inputs in (dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids),
+                   dict(input_ids=input_ids)):
+        masked = logits(model, "masked", **inputs)
+        choices.clear()
+        torch.testing.assert_close(logits(model, "sparse", **inputs), masked, atol=1e-4, rtol=0)
+        assert len(choices) == model.config.num_layers
+        for chosen, shares in choices:
+            if chosen is not None:
+                assert chosen == tuple(j for j, share in enumerate(shares.tolist()) if share >= 0.4)
+        assert any(chosen for chosen, _ in choices), "no routed head was chosen by 40% of the tokens in any layer"
+        assert not all(len(chosen) == len(shares) for chosen, shares in choices)
+
+    # A 4-token chunk after a 16-token prefill (the cache offset: rows cut from the model's mask).
+    from transformers import DynamicCache
+
+    reference = logits(model, "masked", input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    model.set_attention_path("sparse")
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        for start, end in [(0, 16), (16, SEQ)]:
+            step = model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                         position_ids=position_ids[:, start:end], use_cache=True, **{CACHE: cache}).logits
+            real = attention_mask[:, start:end].bool()
+            torch.testing.assert_close(step[real], reference[:, start:end][real], atol=1e-4, rtol=0)
+
+
 class CountKeptHeadProjections:
     """Counts the o_proj products computed from the kept heads' columns only (`project_kept_heads`' embedding_bag)."""
 

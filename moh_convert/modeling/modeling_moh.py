@@ -344,39 +344,65 @@ class MoHHeadRouting(nn.Module):
         )
 
     def rows_path_pays(self, q_len: int) -> bool:
-        """Whether the CPU rows path is faster than the dense kernel then gates for a prefill of q_len tokens: with a
-        routed row costing 1 + ROWS_PATH_CHUNK_TOKENS / q_len dense rows, the layer's shared heads plus its routed
-        selections must cost under 95% of all heads (short prefills, and layers that keep most heads, run dense).
-        Static layers always pay (their shared heads are one kernel call)."""
+        """Whether the CPU rows path can be faster than the dense kernel then gates for a prefill of q_len tokens,
+        judged from the layer's numbers alone (before routing): with a routed row costing
+        1 + ROWS_PATH_CHUNK_TOKENS / q_len dense rows, the layer's shared heads plus its routed selections must cost
+        under 95% of all heads. Static layers always pay (their shared heads are one kernel call). After routing,
+        `densely_computed_routed_heads` refines this with the selections this input made."""
         if self.is_static:
             return True
         routed_row_cost = 1.0 + ROWS_PATH_CHUNK_TOKENS / max(q_len, 1)
         return len(self.shared_heads) + routed_row_cost * self.routed_top_k < 0.95 * self.num_heads
 
-    def heads_by_key_value_head(self, group_size: int, device: torch.device) -> tuple[tuple | None, list]:
-        """Shared heads as (query heads, their key/value heads: one per query head, or each once when the shared
-        heads are whole GQA groups) or None; routed heads as [(kv_head, positions among
-        routed, query heads)]: routed query heads that read the same key/value head (GQA) are computed together."""
-        key = ("kv-layout", group_size, device)
+    def densely_computed_routed_heads(self, routed_mask: torch.Tensor, q_len: int) -> tuple[int, ...] | None:
+        """Which routed heads (positions in `routed_heads`) the rows path should compute for every token with the
+        shared heads' kernel call, then zero where unselected; None when the dense kernel for the whole layer is
+        cheaper. A routed head that a share f of the tokens selected costs f x (1 + ROWS_PATH_CHUNK_TOKENS / q_len)
+        dense rows per token on the rows path and 1 in the dense call: routers select some heads for most tokens
+        (calibrated SmolLM2 layers route heads that 85-95% of tokens pick beside ones that 20-40% pick), and those
+        are cheaper computed densely. The layer keeps the rows path when its shared heads and the cheaper of the two
+        for each routed head cost under 95% of all heads."""
+        routed_row_cost = 1.0 + ROWS_PATH_CHUNK_TOKENS / max(q_len, 1)
+        shares = routed_mask.reshape(-1, routed_mask.shape[-1]).float().mean(0).tolist()
+        costs = [min(1.0, share * routed_row_cost) for share in shares]
+        if len(self.shared_heads) + sum(costs) >= 0.95 * self.num_heads:
+            return None
+        return tuple(j for j, share in enumerate(shares) if share * routed_row_cost >= 1.0)
+
+    def heads_by_key_value_head(
+        self, group_size: int, device: torch.device, dense_routed: tuple[int, ...] = ()
+    ) -> tuple[tuple | None, list, tuple | None]:
+        """Heads computed for every token, as (query heads, their key/value heads: one per query head, or each once
+        when those heads are whole GQA groups) or None: the shared heads and the routed heads at positions
+        `dense_routed` of `routed_heads`; the other routed heads as [(kv_head, positions among routed, query heads)]:
+        routed query heads that read the same key/value head (GQA) are computed together; and the densely computed
+        routed heads as (their ids, their columns of the routed mask) or None: the tokens that did not select them
+        are zeroed after the dense call."""
+        key = ("kv-layout", group_size, device, dense_routed)
         if key not in self._index_cache:
-            shared_heads = sorted(self.shared_heads)
-            kv_of_shared = [head // group_size for head in shared_heads]
-            if shared_heads and len({kv_of_shared.count(kv) for kv in kv_of_shared}) == 1:
-                # The same number of shared heads reads each of their key/value heads (whole GQA groups as in the
+            dense_heads = sorted(self.shared_heads + [self.routed_heads[j] for j in dense_routed])
+            kv_of_dense = [head // group_size for head in dense_heads]
+            if dense_heads and len({kv_of_dense.count(kv) for kv in kv_of_dense}) == 1:
+                # The same number of these heads reads each of their key/value heads (whole GQA groups as in the
                 # paper's first half of the heads, or e.g. 2 of each group of 3): each key/value head once, and the
                 # kernel's own GQA broadcast (sorted query heads come grouped by key/value head), instead of a
                 # copy of a key/value head per query head.
-                kv_of_shared = sorted(set(kv_of_shared))
-            shared = (
-                torch.tensor(shared_heads, device=device), torch.tensor(kv_of_shared, device=device),
-            ) if shared_heads else None
+                kv_of_dense = sorted(set(kv_of_dense))
+            dense = (
+                torch.tensor(dense_heads, device=device), torch.tensor(kv_of_dense, device=device),
+            ) if dense_heads else None
             routed = []
             for kv_head in range(self.num_heads // group_size):
-                positions = [i for i, head in enumerate(self.routed_heads) if head // group_size == kv_head]
+                positions = [i for i, head in enumerate(self.routed_heads)
+                             if head // group_size == kv_head and i not in dense_routed]
                 if positions:
                     routed_heads = [self.routed_heads[i] for i in positions]
                     routed.append((kv_head, torch.tensor(positions, device=device), torch.tensor(routed_heads, device=device)))
-            self._index_cache[key] = (shared, routed)
+            zeroed = (
+                torch.tensor([self.routed_heads[j] for j in dense_routed], device=device),
+                torch.tensor(dense_routed, device=device),
+            ) if dense_routed else None
+            self._index_cache[key] = (dense, routed, zeroed)
         return self._index_cache[key]
 
     def routed_slots(self, num_kv_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,7 +428,8 @@ class MoHHeadRouting(nn.Module):
         # can_skip_heads first: it is what decoding (every generated token, every layer) stops at.
         skip = self.can_skip_heads(query, dropout, kwargs)
         kernel = sparse_kernel_for(query, attention_mask, kwargs.get("softcap"), self.sparse_kernel) if skip else "dense"
-        if kernel == "rows" and self.sparse_kernel == "auto" and not self.rows_path_pays(query.shape[2]):
+        choose_by_cost = kernel == "rows" and self.sparse_kernel == "auto"
+        if choose_by_cost and not self.rows_path_pays(query.shape[2]):
             kernel = "dense"
         if kernel == "dense":
             output, weights = base_attention_function(module)(
@@ -424,8 +451,18 @@ class MoHHeadRouting(nn.Module):
             ), None
         gates, routed_mask = self.route_pending_inputs(batch, q_len)
         routed_mask = self.routed_part(gates, routed_mask)
+        dense_routed = ()
+        if choose_by_cost and not self.is_static:
+            # Now that the tokens have chosen: heads most tokens chose join the shared heads' call, and the whole
+            # layer runs dense when that is cheaper for these selections.
+            dense_routed = self.densely_computed_routed_heads(routed_mask, q_len)
+            if dense_routed is None:
+                output, weights = base_attention_function(module)(
+                    module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+                )
+                return self.gate_head_outputs(output, gates, routed_mask), weights
         output = head_sparse_attention(
-            self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask, kernel
+            self, query, key, value, attention_mask, scaling, kwargs.get("softcap"), routed_mask, kernel, dense_routed
         )
         # The kernel left unselected (token, head) pairs at zero and binary gates are 1 elsewhere: nothing else to do
         # unless gates are weights or skipped heads output a fallback.
@@ -723,12 +760,16 @@ def masked_block_rows(attention_mask, batch_row, tokens, dtype):
     return rows[:, lo:hi], lo, hi
 
 
-def head_sparse_attention(routing, query, key, value, attention_mask, scaling, softcap, routed_mask, kernel="rows"):
+def head_sparse_attention(
+    routing, query, key, value, attention_mask, scaling, softcap, routed_mask, kernel="rows", dense_routed=()
+):
     """Attention of the shared heads for every token and of each routed head for the tokens that selected it.
 
     query [b, heads, q, d]; key, value [b, kv_heads, kv, d] (after the cache update); routed_mask [b, q, routed]
-    (1 where selected; None for a static layer, whose routed heads are never selected). Returns [b, q, heads, d] with
-    zeros for unselected (token, head) pairs.
+    (1 where selected; None for a static layer, whose routed heads are never selected); dense_routed: positions in
+    `routing.routed_heads` of routed heads to compute for every token in the shared heads' call, then zero where
+    unselected (see `MoHHeadRouting.densely_computed_routed_heads`). Returns [b, q, heads, d] with zeros for
+    unselected (token, head) pairs.
     Routed heads use a "varying number of queries per head" layout: per batch row and key/value head, the selected
     (token, head) pairs of all routed heads reading that key/value head are gathered as query rows (sorted by
     position) and cut into chunks of ROUTED_ROWS_PER_CALL rows; each chunk attends the keys up to its last token,
@@ -738,7 +779,7 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
     batch, num_heads, q_len, head_dim = query.shape
     group_size = num_heads // key.shape[1]
     output = query.new_zeros(batch, q_len, num_heads, head_dim)
-    shared_layout, routed_layout = routing.heads_by_key_value_head(group_size, query.device)
+    shared_layout, routed_layout, zeroed = routing.heads_by_key_value_head(group_size, query.device, dense_routed)
     # sdpa's convention: no mask means plain causal attention (several queries) or every key (one query).
     is_causal = attention_mask is None and q_len > 1
 
@@ -753,6 +794,10 @@ def head_sparse_attention(routing, query, key, value, attention_mask, scaling, s
             attention_mask, is_causal, scaling, softcap,
         )
         output[:, :, heads] = shared_output.transpose(1, 2)
+        if zeroed is not None:
+            # Routed heads computed for every token: zero the tokens that did not select them.
+            zeroed_heads, zeroed_columns = zeroed
+            output[:, :, zeroed_heads] *= routed_mask.index_select(-1, zeroed_columns).unsqueeze(-1).to(output.dtype)
 
     if routed_mask is None:
         return output
