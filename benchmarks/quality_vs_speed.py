@@ -13,7 +13,9 @@ runs the dense model and each MoH model once, in an order rotated every round. A
 its rounds of (MoH / dense of the same round); the table gives the median over processes and their spread (min-max).
 
 The dense baseline must be a safetensors folder (a GGUF source runs dequantized weights, slower). Children run with
-OMP_WAIT_POLICY=PASSIVE (a spinning OpenMP wait measures the scheduler on a shared 2-core VM) and glibc's malloc told
+OMP_WAIT_POLICY=PASSIVE (a spinning OpenMP wait measures the scheduler on a shared 2-core VM; `--omp-wait-policy
+default` leaves it unset, as on a user's machine: the sparse path makes more, smaller kernel calls than the dense
+model, and each wakes a sleeping thread under PASSIVE) and glibc's malloc told
 to keep freed memory (MALLOC_MMAP_THRESHOLD_ 32 MiB, MALLOC_TRIM_THRESHOLD_ 1 GiB): otherwise every activation
 over 128 KiB is a fresh mmap whose pages fault in again on each forward, and how often that happens depended on
 the process (a source of the run-to-run spread). Both apply to dense and MoH alike.
@@ -222,6 +224,15 @@ def plot(folders, perplexities, runs, measures, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def child_environment(omp_wait_policy: str) -> dict[str, str]:
+    """The timing processes' environment: CHILD_ENV with the chosen OpenMP wait policy ('default': unset)."""
+    environment = {**os.environ, **CHILD_ENV}
+    environment.pop("OMP_WAIT_POLICY", None)
+    if omp_wait_policy != "default":
+        environment["OMP_WAIT_POLICY"] = omp_wait_policy
+    return environment
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dense", required=True, help="The dense source model, a safetensors folder.")
@@ -238,6 +249,10 @@ def main():
     parser.add_argument("--plot-only", action="store_true",
                         help="Redraw benchmarks/quality_vs_speed.png from the perplexities and timings an earlier run "
                              "left in --work-dir (same --models); time nothing, leave BENCHMARKS.md.")
+    parser.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE", "default"], default="PASSIVE",
+                        help="OMP_WAIT_POLICY of the timing processes: PASSIVE (threads sleep between parallel regions: "
+                             "steadier when other jobs share the cores), ACTIVE, or default (unset, as on a user's "
+                             "machine: libgomp spins a while, then sleeps).")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folders = {"dense": args.dense, **dict(entry.split("=", 1) for entry in args.models)}
@@ -268,7 +283,7 @@ def main():
         print(f"timing process {process + 1}/{args.processes}", flush=True)
         output = work_dir / f"times-{process}.json"
         command = [sys.executable, __file__, "--child", str(output), *sys.argv[1:]]
-        subprocess.run(command, check=True, env={**os.environ, **CHILD_ENV})
+        subprocess.run(command, check=True, env=child_environment(args.omp_wait_policy))
         runs.append(json.loads(output.read_text()))
     lines = table(folders, perplexities, runs, measures)
     cpu_lines = table(folders, perplexities, runs, measures, clock=1)
@@ -288,7 +303,8 @@ def main():
         "forward, `logits_to_keep=1`, no cache; decode: greedy with the KV cache after a 512-token prompt, "
         f"{DECODE_TURNS_PER_ROUND} turns of {args.decode_tokens} tokens per model and round (ratios turn by turn). "
         "Perplexity: WikiText-2 test, first "
-        f"{args.perplexity_windows} windows of 512 tokens. Children: OMP_WAIT_POLICY=PASSIVE, "
+        f"{args.perplexity_windows} windows of 512 tokens. Children: OMP_WAIT_POLICY="
+        f"{'unset' if args.omp_wait_policy == 'default' else args.omp_wait_policy}, "
         "MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=1 GiB.",
         "",
         "Wall time (what a user waits):",
