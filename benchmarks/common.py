@@ -53,6 +53,22 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
 
 
+def rotated(names: list[str], round_index: int) -> list[str]:
+    """The models' order in a round: rotated by one every round, so that no model always runs first or last."""
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+def time_prefill_round(models: dict, order: list[str], inputs: dict, seconds: dict) -> None:
+    """One round of prefills: every input through every model in `order` (one forward, `logits_to_keep=1`, no
+    cache), appending (wall, cpu) seconds to seconds[name][measure]. (The caller holds torch.no_grad().)"""
+    for measure, input_ids in inputs.items():
+        for name in order:
+            with Clock() as clock:
+                models[name](input_ids=input_ids, logits_to_keep=1, use_cache=False)
+            seconds[name][measure].append((clock.wall, clock.cpu))
+
+
 def decode_turn(model, state: tuple, tokens: int, cache_name: str) -> tuple[Clock, tuple]:
     """`tokens` greedy decoding steps with the KV cache from `state` = (cache, last token ids); returns the Clock
     of the turn divided per token, and the new state. (The caller holds torch.no_grad(): this module imports no

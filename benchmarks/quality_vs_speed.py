@@ -87,16 +87,11 @@ def child(folders: dict[str, str], lengths: list[int], batch: tuple[int, int], r
             decode_state[name] = (getattr(output, CACHE), output.logits[:, -1:].argmax(-1))
         turn = 0
         for round_index in range(rounds):
-            order = names[round_index % len(names):] + names[: round_index % len(names)]
-            for measure, input_ids in inputs.items():
-                for name in order:
-                    with common.Clock() as clock:
-                        models[name](input_ids=input_ids, logits_to_keep=1, use_cache=False)
-                    seconds[name][measure].append((clock.wall, clock.cpu))
+            common.time_prefill_round(models, common.rotated(names, round_index), inputs, seconds)
             # Decoding in short turns (a fraction of a second per model), order rotated every turn: the models of
             # one turn run under the same machine conditions, and ratios are taken turn by turn.
             for _ in range(DECODE_TURNS_PER_ROUND):
-                for name in names[turn % len(names):] + names[: turn % len(names)]:
+                for name in common.rotated(names, turn):
                     clock, decode_state[name] = common.decode_turn(models[name], decode_state[name], decode_tokens, CACHE)
                     seconds[name]["decode"].append((clock.wall, clock.cpu))
                 turn += 1

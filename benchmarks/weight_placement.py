@@ -62,20 +62,17 @@ def child(dense: str, model: str, rounds: int) -> None:
             state[name] = (getattr(output, cache_name), output.logits[:, -1:].argmax(-1))
         names = list(models)
         for round_index in range(rounds):
-            order = names[round_index % len(names):] + names[: round_index % len(names)]
-            for measure, input_ids in inputs.items():
-                for name in order:
-                    with common.Clock() as clock:
-                        models[name](input_ids=input_ids, logits_to_keep=1, use_cache=False)
-                    seconds[name][measure].append(clock.wall)
+            order = common.rotated(names, round_index)
+            common.time_prefill_round(models, order, inputs, seconds)
             for name in order:
                 clock, state[name] = common.decode_turn(models[name], state[name], DECODE_TOKENS, cache_name)
-                seconds[name]["decode"].append(clock.wall)
+                seconds[name]["decode"].append((clock.wall, clock.cpu))
     print(json.dumps(seconds))
 
 
 def median_ratio(seconds: dict, a: str, b: str, measure: str) -> float:
-    return statistics.median(x / y for x, y in zip(seconds[a][measure], seconds[b][measure]))
+    """Median over rounds of the wall-time ratio a / b."""
+    return statistics.median(x[0] / y[0] for x, y in zip(seconds[a][measure], seconds[b][measure]))
 
 
 def main():
