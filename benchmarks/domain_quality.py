@@ -8,8 +8,9 @@ For each kind (see benchmarks/text_kinds.py: WikiText-2 test, ARC-Easy/PIQA dial
 GSM8K test solutions, standard-library Python) the perplexity (exp of the mean token loss) over the first 24
 non-overlapping 512-token windows, and its ratio to the dense model's; the mean and the worst (max) ratio over the
 four kinds; and the ratio on the first 48 windows of WikiText-2 test (the number calibration_quality.py reports).
-None of these texts is used by any calibration default. The models are evaluated one after another in this process,
-in float32, with the dense model's tokenizer (every model's tokenizer must match it). The table goes to BENCHMARKS.md
+None of these documents is calibration data of any default (prose and math come from other splits of the data
+sets the built-in 'prose' and 'math' sources ship: WikiText-2 test against valid, GSM8K test against train). The models are evaluated one after another in
+this process, in float32, with the dense model's tokenizer (every model's tokenizer must match it). The table goes to BENCHMARKS.md
 between the domain_quality markers (with the command, date and machine) unless --no-write.
 
 From another script:  `evaluate_models({"dense": dir, "paper": dir2}, data_dir)` -> [ModelQuality, ...].
@@ -132,7 +133,8 @@ def table_lines(results: list[ModelQuality], built: dict[str, KindWindows], wiki
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {machine}",
         f"- Perplexity: exp(mean token loss) over the first {', '.join(f'{windows[k]}' for k in kinds)} "
         f"non-overlapping {window}-token windows of each kind ({', '.join(kinds)}), float32; ratio = model / "
-        f"{dense.name}. Mean and worst over the {len(kinds)} kinds. None of these texts is calibration data.",
+        f"{dense.name}. Mean and worst over the {len(kinds)} kinds. None of these documents is calibration data (the "
+        "default's 'prose' and 'math' are WikiText-2 valid and GSM8K train: the same data sets, other splits).",
         "",
         header,
         rule,

@@ -1,4 +1,4 @@
-"""Evaluation windows for four kinds of text, each from real text that no default of the toolkit calibrates on.
+"""Evaluation windows for four kinds of text, each from real documents that no default of the toolkit calibrates on.
 
     prose  WikiText-2 test.txt (the windows `moh_convert.perplexity.wikitext_windows` cuts)
     chat   ARC-Easy test and PIQA validation questions with their correct answers, as multi-turn dialogues in the
@@ -13,8 +13,9 @@ tokens added) and cut into non-overlapping windows of `window` tokens; the first
     from benchmarks.text_kinds import text_kind_windows
     windows = text_kind_windows(tokenizer, "../shared/data")          # {"prose": LongTensor [24, 512], ...}
 
-Calibration defaults read none of these files: WikiText-2 valid.txt, 'self' and 'chat' (text the model writes
-itself) are what the toolkit calibrates on. Data folder layout: ../shared/data (wikitext-2/, eval/).
+Calibration defaults read none of these documents: the default mix is 'chat' (text the model writes itself),
+'prose' (WikiText-2 valid articles), 'math' (GSM8K train problems) and 'code' (modules of installed packages, not
+the standard library). Data folder layout: ../shared/data (wikitext-2/, eval/).
 """
 import ast
 import json

@@ -61,7 +61,7 @@ def main():
     data_dir = Path(args.data_dir)
     calibration_text = data_dir / "wikitext-2" / "valid.txt"
     calibrated_folder = output / f"smollm2-135m-moh-{args.active_heads}of9-calibrated"
-    calibration = str(calibration_text) if calibration_text.exists() else "self"
+    calibration = str(calibration_text) if calibration_text.exists() else "default"
     # Calibration chooses each layer's shared heads (and how many) itself.
     print(f"$ moh convert {source} {calibrated_folder} --active-heads {args.active_heads} --calibration-data "
           f"{calibration} --calibration-tokens {args.calibration_tokens} --overwrite")

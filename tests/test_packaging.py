@@ -62,11 +62,13 @@ def is_inside(path: str | Path, folder: Path) -> bool:
 def test_the_venvs_own_copy_and_its_suites_are_used(installed):
     venv, elsewhere = installed["venv"], installed["elsewhere"]
     probe = run([venv / "bin" / "python", "-c",
-                 "import moh_convert, moh_convert.eval_tasks as tasks; "
-                 "print(moh_convert.__file__); print(tasks.SUITES_FILE); print(tasks.LAYOUTS_FILE)"], cwd=elsewhere)
+                 "import moh_convert, moh_convert.eval_tasks as tasks; from importlib import resources; "
+                 "print(moh_convert.__file__); print(tasks.SUITES_FILE); print(tasks.LAYOUTS_FILE); "
+                 "texts = resources.files('moh_convert.calibrate') / 'texts'; "
+                 "print(texts / 'prose.txt'); print(texts / 'math.txt'); print(texts / 'README.md')"], cwd=elsewhere)
     assert probe.returncode == 0, probe.stderr[-3000:]
     paths = probe.stdout.strip().splitlines()
-    assert len(paths) == 3, probe.stdout
+    assert len(paths) == 6, probe.stdout  # the calibration texts ship too: the default calibration reads them
     for path in paths:
         assert is_inside(path, venv) and not is_inside(path, REPO_ROOT), paths
     assert all(Path(path).is_file() for path in paths), paths

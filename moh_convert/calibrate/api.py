@@ -19,8 +19,9 @@ def calibrate(model: str | os.PathLike, **options) -> Path:
     """Calibrate an already converted MoH model folder (in place, or into `output`). Returns the folder."""
     opts = validate_options(CalibrateOptions, options)
     if opts.calibration_data is None:
-        raise MoHError("calibrate needs --calibration-data: 'default' (text the model writes itself), 'chat', 'self', "
-                       "a .txt/.jsonl file or a Hub dataset id, optionally several with weights (a.txt:0.5 chat:0.5)")
+        raise MoHError("calibrate needs --calibration-data: 'default' (chat, prose, math and code that need no data), "
+                       "'chat', 'self', 'prose', 'math', 'code', a .txt/.jsonl file or a Hub dataset id, optionally "
+                       "several with weights (a.txt:0.5 chat:0.5)")
     model = Path(model).expanduser().resolve()
     check_calibratable(model)
     check_calibration_source(opts.calibration_data, opts.calibration_column)  # before the model is copied

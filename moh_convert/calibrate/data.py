@@ -1,6 +1,7 @@
 """Calibration text as token windows: from a local .txt / .jsonl file or a Hub dataset (read through
-`moh_convert.text_sources`, as `moh train` reads them), sampled from the model itself ('self'), or dialogues the
-model writes in its chat template ('chat', in chat_text.py); several sources mix with weights (SOURCE:WEIGHT)."""
+`moh_convert.text_sources`, as `moh train` reads them), sampled from the model itself ('self'), dialogues the
+model writes in its chat template ('chat', in chat_text.py), or real text that comes with the package ('prose',
+'math', 'code': builtin_text.py); several sources mix with weights (SOURCE:WEIGHT)."""
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,24 +11,28 @@ from tqdm.auto import tqdm
 
 from ..errors import MoHError
 from ..text_sources import check_text_file, dataset_pieces, file_pieces, join_documents, open_dataset
+from .builtin_text import read_builtin_text
 from .chat_text import load_dense_model, load_prompts, sample_chat_text
 from .device import generation_placement
 from .settings import (
-    COLUMN_OPTION, GENERATED_SOURCES, SELF_SAMPLING_TEMPERATURE, SELF_SAMPLING_TOP_P, CalibrationSettings, SourceEntry,
-    parse_calibration_data,
+    BUILTIN_SOURCES, COLUMN_OPTION, GENERATED_SOURCES, NAMED_SOURCES, SELF_SAMPLING_TEMPERATURE, SELF_SAMPLING_TOP_P,
+    CalibrationSettings, SourceEntry, parse_calibration_data,
 )
 
+SOURCE_NAMES = ", ".join(f"'{name}'" for name in NAMED_SOURCES)  # for messages
 CHARS_PER_TOKEN = 8  # generous: text read per token needed, before tokenizing shows whether it was enough
 
 
 @dataclass
 class SourceWindows:
-    """One source's share of the windows, and how its text was made (the 'chat' record; None otherwise)."""
+    """One source's share of the windows, and how its text was made (the 'chat' record; None otherwise) or where
+    a built-in source's text came from (`origin`)."""
 
     entry: SourceEntry
     calibration: torch.Tensor  # [windows, seq_len]
     heldout: torch.Tensor
     sampling: dict | None = None
+    origin: dict | None = None  # built-in sources: {"text": description, "files": [...]}
 
 
 @dataclass
@@ -118,6 +123,11 @@ def load_source_windows(
     if source == "self":
         token_ids = sample_own_text(model_folder, tokenizer, (num_calibration + num_heldout) * seq_len, seq_len,
                                     settings.seed, batch_size=batch_size, device=device, dtype=dtype)
+    elif source in BUILTIN_SOURCES:
+        needed_tokens = (num_calibration + num_heldout + 1) * seq_len  # one spare window: the cut may split a word
+        builtin = read_builtin_text(source, needed_tokens * CHARS_PER_TOKEN)
+        origin = {"text": builtin.origin, "files": builtin.files}
+        token_ids = tokenize_enough(builtin.text, tokenizer, needed_tokens, needed_tokens * CHARS_PER_TOKEN)
     else:
         needed_tokens = (num_calibration + num_heldout + 1) * seq_len  # one spare window: the cut may split a word
         token_ids = tokenize_enough(read_calibration_text(settings, needed_tokens * CHARS_PER_TOKEN, source), tokenizer,
@@ -127,13 +137,16 @@ def load_source_windows(
         calibration_tokens, heldout_tokens = (settings.calibration_tokens, settings.calibration_heldout_tokens) if single \
             else (num_calibration * seq_len, num_heldout * seq_len)
         share = "" if single else f", its {entry.weight:.0%} share"
+        remedy = "lower --calibration-tokens or this source's weight, or add a file of such text" \
+            if source in BUILTIN_SOURCES else "give more text or lower --calibration-tokens"
         raise MoHError(
             f"calibration source {source!r} has {token_ids.numel()} tokens; "
             f"{(num_calibration + num_heldout) * seq_len} are needed ({calibration_tokens} for calibration "
-            f"+ {heldout_tokens} held out{share}): give more text or lower --calibration-tokens"
+            f"+ {heldout_tokens} held out{share}): {remedy}"
         )
     windows = token_ids[: num_windows * seq_len].view(num_windows, seq_len)
-    return SourceWindows(entry, windows[:num_calibration], windows[num_calibration : num_calibration + num_heldout])
+    return SourceWindows(entry, windows[:num_calibration], windows[num_calibration : num_calibration + num_heldout],
+                         origin=origin if source in BUILTIN_SOURCES else None)
 
 
 def tokenize_enough(text: str, tokenizer, needed_tokens: int, prefix_chars: int) -> torch.Tensor:
@@ -149,14 +162,15 @@ def tokenize_enough(text: str, tokenizer, needed_tokens: int, prefix_chars: int)
 def check_calibration_source(calibration_data: str | list[str], column: str) -> None:
     """The cheap checks of every calibration source, run before any long work (converting, copying a model): each
     entry's weight must be a positive number; a local file must exist, be UTF-8 text, hold some text and, for
-    JSONL, have `column` on every line (the whole file is read: it is small next to a model). 'self', 'chat',
-    'default' and Hub dataset ids pass (a dataset is only read when needed)."""
+    JSONL, have `column` on every line (the whole file is read: it is small next to a model). The named sources
+    ('self', 'chat', 'prose', 'math', 'code', 'default') and Hub dataset ids pass (a dataset is only read when
+    needed)."""
     for entry in parse_calibration_data(calibration_data):
         check_one_source(entry.source, column)
 
 
 def check_one_source(source: str, column: str) -> None:
-    if source in GENERATED_SOURCES:
+    if source in NAMED_SOURCES:
         return
     path = Path(source).expanduser()
     if path.is_file():
@@ -169,11 +183,11 @@ def check_one_source(source: str, column: str) -> None:
 def check_not_a_file(source: str, path: Path) -> None:
     """When `source` is no file: a MoHError unless it can be a Hub dataset id (`org/name` or `name`)."""
     if path.is_dir():
-        raise MoHError(f"calibration data {source} is a folder; pass a .txt/.jsonl file, a Hub dataset id, 'self', "
-                       "'chat' or 'default'")
+        raise MoHError(f"calibration data {source} is a folder; pass a .txt/.jsonl file, a Hub dataset id or a "
+                       f"named source ({SOURCE_NAMES})")
     if not looks_like_dataset_id(source):
         raise MoHError(f"calibration file {source} not found; pass an existing .txt/.jsonl file, a Hub dataset id "
-                       "(org/name), 'self', 'chat' or 'default'")
+                       f"(org/name) or a named source ({SOURCE_NAMES})")
 
 
 def looks_like_dataset_id(source: str) -> bool:
@@ -205,7 +219,7 @@ def read_hub_dataset_text(settings: CalibrationSettings, needed_chars: int, name
         reason = " ".join(str(error).split())  # one line: datasets' messages can span several
         raise MoHError(
             f"no file {name}, and the Hub dataset could not be read: {type(error).__name__}: {reason}; pass a local "
-            ".txt/.jsonl file, a Hub dataset id (org/name), 'self', 'chat' or 'default'"
+            f".txt/.jsonl file, a Hub dataset id (org/name) or a named source ({SOURCE_NAMES})"
         ) from None
 
 

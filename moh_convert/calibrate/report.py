@@ -119,7 +119,8 @@ def source_table(sources: list[dict]) -> list[str]:
         cells = [f"{ppl[key]:.2f}" if key in ppl else "-" for key in ("dense", "before", "after")]
         lines.append(f"| `{source['source']}` | {source['weight']:.2f} | {source['calibration_tokens']:,} | "
                      f"{source['heldout_tokens']:,} | {' | '.join(cells)} | {ratio(ppl)} |")
-    return lines + [""]
+    origins = [f"- `{source['source']}`: {source['text']}" for source in sources if source.get("text")]
+    return lines + [""] + (origins + [""] if origins else [])
 
 
 def calibration_card_section(report: dict) -> str:

@@ -301,12 +301,13 @@ def heldout_perplexity(
 
 
 def source_summaries(mix: CalibrationMix, per_source: list[dict[str, float]]) -> list[dict]:
-    """The report's `sources`: each source's weight, tokens and held-out perplexity."""
+    """The report's `sources`: each source's weight, tokens and held-out perplexity; for a built-in source, what
+    its text is ("text") and the files it was read from ("files")."""
     return [
         {
             "source": item.entry.source, "weight": round(item.entry.weight, 4),
             "calibration_tokens": int(item.calibration.numel()), "heldout_tokens": int(item.heldout.numel()),
-            "heldout_perplexity": perplexities,
+            "heldout_perplexity": perplexities, **(item.origin or {}),
         }
         for item, perplexities in zip(mix.sources, per_source)
     ]

@@ -22,9 +22,14 @@ COLUMN_OPTION = "--calibration-column"  # the option named in messages about a m
 CHAT_SAMPLING_TEMPERATURE = 0.8
 CHAT_SAMPLING_TOP_P = 0.95
 CHAT_MAX_NEW_TOKENS = 400
-# What 'default' stands for: every other use of the default mix follows from this one constant.
-DEFAULT_CALIBRATION_DATA = ["chat:0.5", "self:0.5"]
+# What 'default' stands for: every other use of the default mix follows from this one constant. The four kinds of
+# text people run a chat model on, in equal shares: the model's own replies in its chat template, and real prose,
+# math and code (builtin_text.py). The model's own text alone (the earlier default, 'chat:0.5 self:0.5') left prose,
+# math and code 1.18-1.27x dense at 6 of 9 heads on SmolLM2 (BENCHMARKS.md, "Quality by kind of text").
+DEFAULT_CALIBRATION_DATA = ["chat:0.25", "prose:0.25", "math:0.25", "code:0.25"]
 GENERATED_SOURCES = ("self", "chat")  # sources the model writes itself (no file or dataset behind them)
+BUILTIN_SOURCES = ("prose", "math", "code")  # real text that comes with the package or the environment
+NAMED_SOURCES = (*GENERATED_SOURCES, *BUILTIN_SOURCES, "default")  # names that are never files or Hub datasets
 # --objective: how much attention cost weighs against lost attention output when a layer's split is chosen
 # (moh_convert.calibrate.fits.choose_head_split scores log(lost output) + weight x cost). quality: the least lost
 # output, whatever it costs; balanced: a static layer (6 of 9 heads shared, cost 0.67) instead of a routed one (~0.9)
@@ -40,8 +45,10 @@ class CalibrationSettings(BaseModel):
     calibration_data: list[str] | str | None = Field(
         None,
         description="Text to calibrate on: a .txt or .jsonl file, a Hugging Face dataset name, 'self' (text the "
-        "model samples itself), 'chat' (replies the model writes in its chat template to varied shipped prompts) "
-        f"or 'default' ({' '.join(DEFAULT_CALIBRATION_DATA)}); several sources mix with weights: "
+        "model samples itself), 'chat' (replies the model writes in its chat template to varied shipped prompts), "
+        "'prose' / 'math' (WikiText-2 articles / GSM8K worked solutions shipped with the package), 'code' (Python "
+        f"sources of installed packages) or 'default' ({' '.join(DEFAULT_CALIBRATION_DATA)}); several sources mix "
+        "with weights: "
         "SOURCE[:WEIGHT] ... (e.g. wiki.txt:0.5 self:0.5; weights are normalised).",
         # several values after one CLI flag (moh_convert.options)
         json_schema_extra={"nargs": "+", "metavar": "SOURCE[:WEIGHT]"},

@@ -21,7 +21,7 @@ class DataSource(BaseModel):
     generate: Literal["self", "chat", "default"] | None = Field(
         None, description="Instead of `path`/`dataset`: text written by the distillation teacher (without `distill:`, "
         "by the model's own dense weights): 'self' (free samples), 'chat' (replies in its chat template to the "
-        "prompts shipped with moh_convert), 'default' (half each, like calibration's default). Written once, before "
+        "prompts shipped with moh_convert), 'default' (half each). Written once, before "
         "training, to output_dir/generated-text.jsonl (a resumed run reads it again)."
     )
     generate_tokens: int = Field(32768, gt=0, description="How many tokens `generate` writes (the data repeats "
