@@ -5,11 +5,12 @@ import json
 import sys
 
 import pytest
+import torch
 
 from moh_convert import MoHError
 from moh_convert.calibrate import CalibrationSettings
 from moh_convert.calibrate.builtin_text import CODE_MODULES, code_excerpt, installed_code_text, read_builtin_text
-from moh_convert.calibrate.data import check_calibration_source, load_calibration_mix
+from moh_convert.calibrate.data import check_calibration_source, load_calibration_mix, spread_windows
 from moh_convert.calibrate.settings import BUILTIN_SOURCES, DEFAULT_CALIBRATION_DATA, parse_calibration_data
 
 from .conftest import tiny_tokenizer
@@ -64,6 +65,17 @@ def test_builtin_sources_read_as_windows_with_their_origin(tmp_path):
     # held-out windows come after the calibration windows in the same text: never the same tokens
     for item in mix.sources:
         assert not any(item.heldout[0].equal(window) for window in item.calibration)
+
+
+def test_windows_come_from_all_over_a_builtin_text_and_held_out_ones_from_among_them():
+    windows = torch.arange(56).view(56, 1)  # window i holds token i
+    calibration, heldout = spread_windows(windows, num_calibration=8, num_heldout=1)
+    assert calibration.flatten().tolist() == [3, 9, 15, 21, 34, 40, 46, 52] and heldout.flatten().tolist() == [28]
+    calibration, heldout = spread_windows(torch.arange(10).view(10, 1), num_calibration=8, num_heldout=2)
+    assert sorted(calibration.flatten().tolist() + heldout.flatten().tolist()) == list(range(10))
+    assert heldout.flatten().tolist() == [2, 7]
+    calibration, heldout = spread_windows(windows, num_calibration=4, num_heldout=0)
+    assert calibration.flatten().tolist() == [7, 21, 35, 49] and heldout.numel() == 0
 
 
 def test_a_builtin_source_too_short_for_the_tokens_asked_says_what_to_lower(tmp_path):

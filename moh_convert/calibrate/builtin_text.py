@@ -7,7 +7,8 @@ any data from the user (the fourth kind, chat, the model writes itself: chat_tex
            read from the machine; never the standard library, so it stays free for evaluation
 
 texts/README.md says where the shipped files come from and under which licences; scripts/make_calibration_texts.py
-rebuilds them from the data sets' files. A calibration that needs more text than a built-in source holds fails
+rebuilds them from the data sets' files. Calibration takes its windows from all over a built-in text
+(data.spread_windows), so that even a small share of the mix sees many documents. A calibration that needs more text than a built-in source holds fails
 before any long work with a message naming --calibration-tokens (see data.load_source_windows)."""
 import ast
 import importlib.util
@@ -62,21 +63,18 @@ def read_builtin_text(source: str, needed_chars: int) -> BuiltinText:
 
 
 def installed_code_text(needed_chars: int) -> BuiltinText:
-    """Excerpts of CODE_MODULES (each headed '# file: PACKAGE/PATH'), as many as `needed_chars` asks for and at
-    least CODE_EXCERPT_CHARS each, longer when every module is needed."""
+    """An excerpt of every module of CODE_MODULES found (each headed '# file: PACKAGE/PATH'): CODE_EXCERPT_CHARS each,
+    longer when that is not `needed_chars` in all."""
     modules = [(package, path) for package, path in CODE_MODULES if module_file(package, path) is not None]
     if not modules:
         raise MoHError("calibration source 'code' found none of its Python modules (transformers, torch, ...) in "
                        "this environment; reinstall moh_convert's dependencies or pass a code file instead of 'code'")
     budget = max(CODE_EXCERPT_CHARS, needed_chars // len(modules) + 1)
-    documents, files, size = [], [], 0
+    documents, files = [], []
     for package, path in modules:
         excerpt = code_excerpt(module_file(package, path).read_text(encoding="utf-8"), budget)
         documents.append(f"# file: {package}/{path}\n{excerpt}")
         files.append(f"{package}/{path}")
-        size += len(documents[-1])
-        if size >= needed_chars:
-            break
     return BuiltinText("\n\n".join(documents), f"excerpts of {len(files)} Python modules of installed packages", files)
 
 

@@ -124,10 +124,9 @@ def load_source_windows(
         token_ids = sample_own_text(model_folder, tokenizer, (num_calibration + num_heldout) * seq_len, seq_len,
                                     settings.seed, batch_size=batch_size, device=device, dtype=dtype)
     elif source in BUILTIN_SOURCES:
-        needed_tokens = (num_calibration + num_heldout + 1) * seq_len  # one spare window: the cut may split a word
-        builtin = read_builtin_text(source, needed_tokens * CHARS_PER_TOKEN)
+        builtin = read_builtin_text(source, (num_calibration + num_heldout + 1) * seq_len * CHARS_PER_TOKEN)
         origin = {"text": builtin.origin, "files": builtin.files}
-        token_ids = tokenize_enough(builtin.text, tokenizer, needed_tokens, needed_tokens * CHARS_PER_TOKEN)
+        token_ids = tokenizer(builtin.text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     else:
         needed_tokens = (num_calibration + num_heldout + 1) * seq_len  # one spare window: the cut may split a word
         token_ids = tokenize_enough(read_calibration_text(settings, needed_tokens * CHARS_PER_TOKEN, source), tokenizer,
@@ -145,8 +144,22 @@ def load_source_windows(
             f"+ {heldout_tokens} held out{share}): {remedy}"
         )
     windows = token_ids[: num_windows * seq_len].view(num_windows, seq_len)
-    return SourceWindows(entry, windows[:num_calibration], windows[num_calibration : num_calibration + num_heldout],
-                         origin=origin if source in BUILTIN_SOURCES else None)
+    if source in BUILTIN_SOURCES:
+        calibration, heldout = spread_windows(windows, num_calibration, num_heldout)
+        return SourceWindows(entry, calibration, heldout, origin=origin)
+    return SourceWindows(entry, windows[:num_calibration], windows[num_calibration : num_calibration + num_heldout])
+
+
+def spread_windows(windows: torch.Tensor, num_calibration: int, num_heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration, held-out) windows picked evenly over all of `windows`, the held-out ones spread among them.
+    A built-in text is small and ordered (articles, problems, modules one after another): its first windows would
+    be a few documents, windows from all over it are many, which is what calibration should generalise from."""
+    wanted = num_calibration + num_heldout
+    picked = [int((index + 0.5) * len(windows) / wanted) for index in range(wanted)]
+    heldout_slots = {int((index + 0.5) * wanted / num_heldout) for index in range(num_heldout)}
+    calibration = [picked[slot] for slot in range(wanted) if slot not in heldout_slots]
+    heldout = [picked[slot] for slot in sorted(heldout_slots)]
+    return windows[calibration], windows[heldout]
 
 
 def tokenize_enough(text: str, tokenizer, needed_tokens: int, prefix_chars: int) -> torch.Tensor:
